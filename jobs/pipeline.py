@@ -1,0 +1,163 @@
+"""The one place that builds the Ray Data pipeline and sets map_batches arguments.
+
+files -> read (tasks) -> normalise + validate (tasks) -> embed + quantise (actor pool, one GPU
+each where there are GPUs) -> upsert into Milvus (writer actors) -> a small summary stream that the
+driver aggregates. Vectors never pass through the driver.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+
+from reembed.documents import (
+    C_ID,
+    C_REJECT,
+    DocumentSpec,
+    mark_duplicates,
+    normalize_json_lines,
+    normalize_records,
+)
+from reembed.embedder import ModelSource
+from reembed.ingest import C_VECTOR, BatchWriter, DocumentEncoder
+from reembed.inputs import InputPlan
+
+# Readers and writers mostly wait on I/O; small CPU shares let them run beside the embedding
+# actors, which use every core through torch threads, without Ray starving one of them.
+READ_NUM_CPUS = 0.25
+SHUFFLE_BYTES_PER_PARTITION = 256 << 20
+WRITER_NUM_CPUS = 0.1
+# Rows handed to an embedding actor at once; the embedder buckets them by length inside.
+ROWS_PER_ACTOR_CALL_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    actors: int
+    actors_per_node: int
+    gpus_per_actor: float
+    device: str
+    batch_size: int
+    writers: int
+    write_batch_rows: int
+    threads_per_actor: int | None = None
+
+
+def plan_compute(actors: int | None, device: str, batch_size: int, writers: int, write_batch_rows: int,
+                 threads_per_actor: int | None) -> ComputePlan:
+    """One GPU per actor where the cluster has GPUs, else one CPU actor per node using its cores."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    n_actors = actors or (gpus if use_gpu else nodes)
+    return ComputePlan(
+        actors=n_actors,
+        actors_per_node=math.ceil(n_actors / nodes),
+        gpus_per_actor=1.0 if use_gpu else 0.0,
+        device="cuda" if use_gpu else "cpu",
+        batch_size=batch_size,
+        writers=writers,
+        write_batch_rows=write_batch_rows,
+        threads_per_actor=threads_per_actor,
+    )
+
+
+def read_documents(plan: InputPlan, spec: DocumentSpec, duplicates: dict[str, int] | None = None) -> ray.data.Dataset:
+    """Input files -> a dataset of DOC_COLUMNS (good documents and rejects side by side)."""
+    dup = duplicates or {}
+    parts = []
+    if plan.jsonl_files:
+
+        def from_lines(batch: pa.Table) -> pa.Table:
+            table = normalize_json_lines(batch.column("text").to_pylist(), batch.column("path").to_pylist(), spec)
+            return mark_duplicates(table, dup)
+
+        lines = ray.data.read_text(
+            plan.jsonl_files, filesystem=plan.filesystem, include_paths=True, num_cpus=READ_NUM_CPUS
+        )
+        parts.append(lines.map_batches(from_lines, batch_format="pyarrow", num_cpus=READ_NUM_CPUS))
+    if plan.parquet_files:
+        wanted = [f for f in {spec.id_field, *spec.text_fields, spec.partition_by} if f and f in plan.fields_seen]
+
+        def from_records(batch: pa.Table) -> pa.Table:
+            table = normalize_records(batch.select(wanted).to_pylist(), batch.column("path").to_pylist(), spec)
+            return mark_duplicates(table, dup)
+
+        records = ray.data.read_parquet(
+            plan.parquet_files, filesystem=plan.filesystem, columns=wanted, include_paths=True,
+            num_cpus=READ_NUM_CPUS,
+        )
+        parts.append(records.map_batches(from_records, batch_format="pyarrow", num_cpus=READ_NUM_CPUS))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def count_duplicate_ids(docs: ray.data.Dataset, input_bytes: int) -> dict[str, int]:
+    """Ids that appear more than once among good documents, with their counts.
+
+    A pass over the ids alone (a shuffle of short strings), so that every copy of a repeated id
+    is rejected the same way whatever the order in which blocks arrive.
+    """
+    ids = docs.filter(lambda r: r[C_REJECT] == "").select_columns([C_ID])
+    # Ray's default of 200 shuffle partitions costs seconds of task overhead on a small corpus.
+    partitions = max(1, min(200, input_bytes // SHUFFLE_BYTES_PER_PARTITION))
+    repeated = ids.groupby(C_ID, num_partitions=partitions).count().filter(lambda r: r["count()"] > 1)
+    return {r[C_ID]: int(r["count()"]) for r in repeated.take_all()}
+
+
+def embed(docs: ray.data.Dataset, source: ModelSource, precision: str, calibration_json: str | None,
+          compute: ComputePlan) -> ray.data.Dataset:
+    return docs.map_batches(
+        DocumentEncoder,
+        fn_constructor_kwargs={
+            "source": source,
+            "precision": precision,
+            "calibration_json": calibration_json,
+            "device": compute.device,
+            "batch_size": compute.batch_size,
+            "actors_per_node": compute.actors_per_node,
+            "threads": compute.threads_per_actor,
+        },
+        batch_size=compute.batch_size * ROWS_PER_ACTOR_CALL_FACTOR,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=compute.actors),
+        num_gpus=compute.gpus_per_actor,
+        num_cpus=1,
+    )
+
+
+def write(vectors: ray.data.Dataset, uri: str, token: str | None, collection: str, vector_type: str,
+          max_text_bytes: int, partition_by_field: bool, compute: ComputePlan) -> ray.data.Dataset:
+    return vectors.map_batches(
+        BatchWriter,
+        fn_constructor_kwargs={
+            "uri": uri,
+            "token": token,
+            "collection": collection,
+            "vector_type": vector_type,
+            "max_text_bytes": max_text_bytes,
+            "partition_by_field": partition_by_field,
+        },
+        batch_size=compute.write_batch_rows,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=compute.writers),
+        num_cpus=WRITER_NUM_CPUS,
+    )
+
+
+def sample_embeddings(docs: ray.data.Dataset, size: int, source: ModelSource, compute: ComputePlan) -> np.ndarray:
+    """Float embeddings of the first `size` good documents: the int8 calibration sample."""
+    sample = docs.filter(lambda r: r[C_REJECT] == "").limit(size)
+    floats = embed(sample, source, "float32", None, compute)
+    parts = [b[C_VECTOR] for b in floats.select_columns([C_VECTOR]).iter_batches(batch_format="numpy")]
+    return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+
+
+def iter_summaries(results: ray.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    yield from results.iter_batches(batch_format="numpy", batch_size=None)

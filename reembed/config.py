@@ -1,0 +1,135 @@
+"""Typed settings for the job and the service, with one precedence: flag > file > env > default.
+
+`load_settings(cls, flags, config_file)` is the only way entrypoints build a config: values from
+the file (JSON, TOML or YAML) are overridden by flags; both beat `REEMBED_*` environment variables,
+which beat the defaults here. Validation happens once, here, before any work starts, with messages
+that name the field, the expected and the actual value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from reembed.errors import ConfigError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_MILVUS_URI = "./data/reembed.db"
+DEFAULT_COLLECTION = "documents"
+# Milvus's own rule for collection and partition names.
+MILVUS_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+
+Precision = Literal["int8", "float32"]
+Int8Scheme = Literal["global", "per-dim"]
+
+
+class BackfillConfig(BaseSettings):
+    """Everything `python -m jobs.backfill` needs. Field names are the CLI flags with _ for -."""
+
+    model_config = SettingsConfigDict(env_prefix="REEMBED_", extra="forbid")
+
+    input: str = Field(..., description="JSONL/Parquet file, directory, or pyarrow filesystem URI")
+    id_field: str = "_id"
+    text_fields: list[str] = Field(default_factory=lambda: ["title", "text"])
+    partition_by: str | None = None
+    partitions: int = Field(1, ge=1, le=1024)
+
+    model: str = DEFAULT_MODEL
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = "int8"
+    int8_scheme: Int8Scheme = "global"
+    calibration_sample: int = Field(1024, ge=16, le=1_000_000)
+    calibration_quantile: float = Field(0.9999, gt=0.5, le=1.0)
+
+    milvus_uri: str = DEFAULT_MILVUS_URI
+    milvus_token: str | None = None
+    collection: str = DEFAULT_COLLECTION
+    hnsw_m: int = Field(32, ge=4, le=64)
+    hnsw_ef_construction: int = Field(200, ge=8, le=1024)
+
+    actors: int | None = Field(None, ge=1, le=1024, description="embedding actors (default: one per GPU, else 1)")
+    threads_per_actor: int | None = Field(None, ge=1, le=256)
+    batch_size: int = Field(64, ge=1, le=4096)
+    writers: int = Field(2, ge=1, le=256)
+    write_batch_rows: int = Field(512, ge=1, le=10_000)
+    max_text_bytes: int = Field(65_535, ge=256, le=65_535)
+
+    output_dir: str = "./data/runs"
+
+    @field_validator("text_fields", mode="before")
+    @classmethod
+    def _split_fields(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and not value:
+            raise ValueError("text_fields: expected at least one field name, got none")
+        return value
+
+    @field_validator("collection")
+    @classmethod
+    def _check_collection(cls, value: str) -> str:
+        if not MILVUS_NAME_RE.match(value):
+            raise ValueError(
+                f"collection: expected letters, digits and underscores, not starting with a digit "
+                f"(Milvus's rule), got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_partitioning(self) -> BackfillConfig:
+        if self.partition_by and self.partitions != 1:
+            raise ValueError(
+                f"partition_by={self.partition_by!r} and partitions={self.partitions} are exclusive: "
+                "choose one partitioning scheme"
+            )
+        return self
+
+
+
+T = TypeVar("T", bound=BaseSettings)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON, TOML or YAML settings file into a dict of field values."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file: expected an existing file, got {str(p)!r}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # each parser has its own error type
+        raise ConfigError(f"config file {str(p)!r}: cannot parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping at top level, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(cls: type[T], flags: dict[str, Any], config_file: str | Path | None = None) -> T:
+    """Build `cls` from flags over the file over the environment over defaults.
+
+    Flags whose value is None are treated as not given. Init values beat environment variables in
+    pydantic-settings, so merging file then flags into the init values gives the precedence.
+    """
+    values = read_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid {cls.__name__}: {problems}") from None

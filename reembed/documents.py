@@ -1,0 +1,188 @@
+"""Turn raw input records into validated documents, or into rejects with a reason.
+
+First step of the job's flow, run inside Ray Data tasks on each block. A record becomes a row of
+`DOC_COLUMNS`: its id, the text to embed (the present text fields joined with one space, as
+BEIR/MTEB do), the partition it goes to, a hash of the text, where it came from, and an empty
+`reject` column, or a reason there and the raw record kept so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from reembed.store import DEFAULT_PARTITION, ID_MAX_BYTES, is_valid_milvus_name
+
+C_ID = "id"
+C_TEXT = "text"
+C_PARTITION = "partition"
+C_HASH = "content_sha256"
+C_SOURCE = "source"
+C_REJECT = "reject"
+C_RAW = "raw"
+DOC_COLUMNS = (C_ID, C_TEXT, C_PARTITION, C_HASH, C_SOURCE, C_REJECT, C_RAW)
+DOC_SCHEMA = pa.schema([(c, pa.string()) for c in DOC_COLUMNS])
+REASON_DUPLICATE = "duplicate id: it appears {n} times in the input; all copies are kept here"
+
+
+@dataclass(frozen=True)
+class DocumentSpec:
+    """How to read a document out of a record, and where it goes."""
+
+    id_field: str = "_id"
+    text_fields: tuple[str, ...] = ("title", "text")
+    partition_by: str | None = None
+    partitions: int = 1
+
+    def partition_for_id(self, doc_id: str) -> str:
+        if self.partitions <= 1:
+            return DEFAULT_PARTITION
+        bucket = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big") % self.partitions
+        return hash_partition_name(bucket)
+
+    def partitioning(self) -> dict[str, Any]:
+        if self.partition_by:
+            return {"scheme": "field", "field": self.partition_by}
+        return {"scheme": "hash", "partitions": self.partitions}
+
+
+def hash_partition_name(bucket: int) -> str:
+    return f"part_{bucket:04d}"
+
+
+def partition_name_for_value(value: str) -> str:
+    """A valid Milvus partition name for a field value, the same for the same value on any run.
+
+    Valid names are used as they are; others are cleaned and get a short hash of the original,
+    so "en-US" and "en_US" never share a partition.
+    """
+    if is_valid_milvus_name(value) and value != DEFAULT_PARTITION:
+        return value
+    clean = re.sub(r"[^A-Za-z0-9_]", "_", value)[:200]
+    digest = hashlib.blake2b(value.encode(), digest_size=4).hexdigest()
+    return f"p_{clean}_{digest}"
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _id_of(record: dict[str, Any], field: str) -> tuple[str | None, str]:
+    if field not in record or record[field] is None:
+        return None, f"missing id: field {field!r} is absent or null"
+    value = record[field]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"bad id: field {field!r} must be a string or an integer, got {type(value).__name__}"
+    doc_id = str(value)
+    if not doc_id.strip():
+        return None, f"bad id: field {field!r} is empty"
+    if len(doc_id.encode()) > ID_MAX_BYTES:
+        return None, f"bad id: field {field!r} is longer than {ID_MAX_BYTES} bytes"
+    return doc_id, ""
+
+
+def _text_of(record: dict[str, Any], fields: Sequence[str]) -> tuple[str | None, str]:
+    parts = []
+    for field in fields:
+        value = record.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return None, f"bad text: field {field!r} must be a string, got {type(value).__name__}"
+        if value.strip():
+            parts.append(value.strip())
+    if not parts:
+        return None, f"missing text: fields {', '.join(fields)} are absent or empty"
+    return " ".join(parts), ""
+
+
+def normalize_record(record: Any, source: str, raw: str, spec: DocumentSpec) -> dict[str, str]:
+    """One input record -> one row of DOC_COLUMNS (reject is "" for a good document)."""
+    row = dict.fromkeys(DOC_COLUMNS, "")
+    row[C_SOURCE] = source
+    if not isinstance(record, dict):
+        row[C_REJECT] = f"bad record: expected a JSON object, got {type(record).__name__}"
+        row[C_RAW] = raw
+        return row
+    doc_id, reason = _id_of(record, spec.id_field)
+    if doc_id is not None:
+        row[C_ID] = doc_id
+        text, reason = _text_of(record, spec.text_fields)
+        if text is not None:
+            if spec.partition_by:
+                value = record.get(spec.partition_by)
+                if value is None or isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value):
+                    reason = f"bad partition: field {spec.partition_by!r} must be a non-empty string or integer"
+                else:
+                    row[C_PARTITION] = partition_name_for_value(str(value))
+            else:
+                row[C_PARTITION] = spec.partition_for_id(doc_id)
+            if not reason:
+                row[C_TEXT] = text
+                row[C_HASH] = content_hash(text)
+                return row
+    row[C_REJECT] = reason
+    row[C_RAW] = raw
+    return row
+
+
+def _to_table(rows: list[dict[str, str]]) -> pa.Table:
+    return pa.Table.from_pydict({c: [r[c] for r in rows] for c in DOC_COLUMNS}, schema=DOC_SCHEMA)
+
+
+def normalize_json_lines(lines: Iterable[str], sources: Iterable[str], spec: DocumentSpec) -> pa.Table:
+    """JSONL lines (one document each) -> a table of DOC_COLUMNS. Unparsable lines are rejects."""
+    rows = []
+    for line, source in zip(lines, sources, strict=True):
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            row = dict.fromkeys(DOC_COLUMNS, "")
+            row.update({C_SOURCE: source, C_REJECT: f"bad JSON: {exc}", C_RAW: line})
+            rows.append(row)
+            continue
+        rows.append(normalize_record(record, source, line, spec))
+    return _to_table(rows)
+
+
+def normalize_records(records: Iterable[dict[str, Any]], sources: Iterable[str], spec: DocumentSpec) -> pa.Table:
+    """Records (e.g. Parquet rows as dicts) -> a table of DOC_COLUMNS."""
+    rows = []
+    for record, source in zip(records, sources, strict=True):
+        row = normalize_record(record, source, "", spec)
+        if row[C_REJECT]:
+            row[C_RAW] = json.dumps(record, default=str, ensure_ascii=False)
+        rows.append(row)
+    return _to_table(rows)
+
+
+def mark_duplicates(table: pa.Table, counts: dict[str, int]) -> pa.Table:
+    """Reject every copy of an id that appears more than once in the input (counts: id -> n)."""
+    if not counts:
+        return table
+    ids = table.column(C_ID).to_pylist()
+    rejects = table.column(C_REJECT).to_pylist()
+    if not any(i in counts for i in ids):
+        return table
+    raws = table.column(C_RAW).to_pylist()
+    texts = table.column(C_TEXT).to_pylist()
+    for k, doc_id in enumerate(ids):
+        if doc_id in counts and not rejects[k]:
+            rejects[k] = REASON_DUPLICATE.format(n=counts[doc_id])
+            raws[k] = json.dumps({"id": doc_id, "text": texts[k]}, ensure_ascii=False) if not raws[k] else raws[k]
+    table = table.set_column(table.schema.get_field_index(C_REJECT), C_REJECT, pa.array(rejects, pa.string()))
+    return table.set_column(table.schema.get_field_index(C_RAW), C_RAW, pa.array(raws, pa.string()))
+
+
+def truncate_utf8(text: str, max_bytes: int) -> str:
+    """Cut text to at most max_bytes of UTF-8 without splitting a character."""
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return text
+    return data[:max_bytes].decode("utf-8", errors="ignore")

@@ -1,0 +1,344 @@
+"""Milvus: what the server can do, the collection's schema and identity, partitions, upserts.
+
+Sits at the end of the job's flow and at the start of the service's. The collection's
+properties carry the model identity, the precision and the int8 calibration: the job writes
+them once, every later run and the service read them back, so the two never disagree silently.
+
+Capabilities come from the server's version: INT8_VECTOR needs Milvus >= 2.6, BINARY_VECTOR any
+real server; Milvus Lite has FLOAT_VECTOR only. Where INT8_VECTOR is missing the same int8 codes
+are stored in a FLOAT_VECTOR field, which ranks them identically (inner product of the codes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from reembed.errors import CapabilityError, ConfigError, ModelMismatchError, ReembedError, StoreUnavailableError
+
+logger = logging.getLogger(__name__)
+
+F_ID = "id"
+F_VECTOR = "vector"
+F_TEXT = "text"
+F_HASH = "content_sha256"
+F_PARTITION = "partition"
+ID_MAX_BYTES = 512
+PARTITION_MAX_CHARS = 255
+IDENTITY_PROPERTY = "reembed.identity"
+SCHEMA_VERSION = 1
+DEFAULT_PARTITION = "_default"
+# Keep one request well under Milvus's 64 MiB gRPC limit.
+MAX_REQUEST_BYTES = 16 << 20
+INT8_VECTOR_MIN_VERSION = (2, 6, 0)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerCapabilities:
+    """What the connected server supports, read from its version string."""
+
+    version: str
+    is_lite: bool
+    int8_vector: bool
+    binary_vector: bool
+
+    @classmethod
+    def from_version(cls, version: str) -> ServerCapabilities:
+        if version.startswith("milvus_lite"):
+            return cls(version=version, is_lite=True, int8_vector=False, binary_vector=False)
+        match = re.search(r"(\d+)\.(\d+)\.(\d+)", version)
+        numbers = tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
+        return cls(
+            version=version,
+            is_lite=False,
+            int8_vector=numbers >= INT8_VECTOR_MIN_VERSION,
+            binary_vector=True,
+        )
+
+    def vector_type_for(self, precision: str) -> str:
+        """The Milvus field type that holds vectors of `precision` on this server."""
+        if precision == "int8" and self.int8_vector:
+            return "INT8_VECTOR"
+        return "FLOAT_VECTOR"
+
+    def fallback_note(self, precision: str) -> str | None:
+        if precision == "int8" and not self.int8_vector:
+            return (
+                f"Milvus {self.version} has no INT8_VECTOR (needs Milvus >= "
+                f"{'.'.join(map(str, INT8_VECTOR_MIN_VERSION))}): storing the int8 codes in a FLOAT_VECTOR "
+                "field; search compares the same codes by inner product, so ranking is identical, "
+                "memory is that of float32"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class CollectionIdentity:
+    """Everything a collection binds: the model, how vectors were made, how rows are partitioned."""
+
+    model: dict[str, Any]
+    precision: str
+    vector_type: str
+    calibration: str | None  # Int8Calibration.to_json(), None for float32
+    partitioning: dict[str, Any]
+    schema_version: int = SCHEMA_VERSION
+    hnsw: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> CollectionIdentity:
+        return cls(**json.loads(text))
+
+    def differences(self, other: CollectionIdentity) -> list[str]:
+        """What differs in the parts that must match (calibration and HNSW params are inherited)."""
+        diffs = []
+        for key in ("name", "weights_sha256", "dimension", "normalize"):
+            a, b = self.model.get(key), other.model.get(key)
+            if a != b:
+                diffs.append(f"model.{key}: collection has {a!r}, this run has {b!r}")
+        for key in ("precision", "partitioning", "schema_version"):
+            a, b = getattr(self, key), getattr(other, key)
+            if a != b:
+                diffs.append(f"{key}: collection has {a!r}, this run has {b!r}")
+        return diffs
+
+
+def is_valid_milvus_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name))
+
+
+def _as_reembed_error(exc: Exception, what: str) -> ReembedError:
+    retriable = bool(getattr(exc, "retriable", False))
+    text = str(exc)
+    if not retriable and any(s in text for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection refused", "Fail connecting")):
+        retriable = True
+    if retriable or exc.__class__.__name__ in ("MilvusUnavailableException", "ConnectError"):
+        return StoreUnavailableError(f"Milvus unavailable during {what}: {text}")
+    err = ReembedError(f"Milvus error during {what}: {text}")
+    err.is_input_error = bool(getattr(exc, "is_input_error", False))
+    return err
+
+
+class MilvusStore:
+    """A connection to one Milvus (server or Lite) with the operations the project needs."""
+
+    def __init__(self, uri: str, token: str | None = None, timeout: float = 30.0, retries: int = 5) -> None:
+        from pymilvus import MilvusClient
+
+        self.uri = uri
+        self.timeout = timeout
+        self.retries = retries
+        options = {}
+        if "127.0.0.1" in uri or "localhost" in uri:
+            # Keepalive pings on loopback buy nothing, and the Milvus Lite server answers pymilvus's
+            # 10 s pings with GOAWAY "too_many_pings", dropping the connection mid-run.
+            options = {"grpc.keepalive_time_ms": 3_600_000, "grpc.keepalive_permit_without_calls": False}
+        try:
+            self.client = MilvusClient(uri=uri, token=token or "", timeout=timeout, grpc_options=options)
+            version = self.client.get_server_version()
+        except Exception as exc:
+            raise StoreUnavailableError(f"milvus_uri: cannot reach Milvus at {uri!r}: {exc}") from exc
+        self.capabilities = ServerCapabilities.from_version(version)
+        self._known_partitions: dict[str, set[str]] = {}
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # closing a dead connection must not mask the real error
+            pass
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call pymilvus, retrying transient errors with exponential back-off; never input errors."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except ReembedError:
+                raise
+            except Exception as exc:
+                err = _as_reembed_error(exc, what)
+                if not err.retriable or attempt == self.retries:
+                    raise err from exc
+                logger.warning("%s failed (attempt %d/%d), retrying in %.1fs: %s", what, attempt + 1, self.retries, delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    # --- collections and identity -------------------------------------------------------------
+
+    def has_collection(self, name: str) -> bool:
+        return self._call("has_collection", self.client.has_collection, name)
+
+    def read_identity(self, name: str) -> CollectionIdentity | None:
+        """The identity stored with collection (or alias) `name`, or None if it has none."""
+        desc = self._call("describe_collection", self.client.describe_collection, name)
+        raw = (desc.get("properties") or {}).get(IDENTITY_PROPERTY)
+        return CollectionIdentity.from_json(raw) if raw else None
+
+    def check_identity(self, name: str, wanted: CollectionIdentity) -> CollectionIdentity:
+        """Refuse to touch collection `name` if it was built with another identity."""
+        stored = self.read_identity(name)
+        if stored is None:
+            raise ModelMismatchError(
+                f"collection {name!r} exists but was not made by reembed (no {IDENTITY_PROPERTY!r} property); "
+                "choose another --collection"
+            )
+        diffs = stored.differences(wanted)
+        if diffs:
+            raise ModelMismatchError(
+                f"collection {name!r} was built with another model identity: " + "; ".join(diffs)
+                + ". Use another --collection (or jobs.migrate for a new model)."
+            )
+        return stored
+
+    def create_collection(self, name: str, identity: CollectionIdentity, max_text_bytes: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if identity.vector_type == "INT8_VECTOR" and not self.capabilities.int8_vector:
+            raise CapabilityError(f"Milvus {self.capabilities.version} has no INT8_VECTOR")
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(F_ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+        schema.add_field(F_VECTOR, getattr(DataType, identity.vector_type), dim=int(identity.model["dimension"]))
+        schema.add_field(F_TEXT, DataType.VARCHAR, max_length=max_text_bytes)
+        schema.add_field(F_HASH, DataType.VARCHAR, max_length=64)
+        schema.add_field(F_PARTITION, DataType.VARCHAR, max_length=PARTITION_MAX_CHARS)
+        index = self.client.prepare_index_params()
+        index.add_index(
+            F_VECTOR,
+            index_type="HNSW",
+            metric_type="IP",
+            params={"M": identity.hnsw["M"], "efConstruction": identity.hnsw["efConstruction"]},
+        )
+        self._call(
+            "create_collection",
+            self.client.create_collection,
+            name,
+            schema=schema,
+            index_params=index,
+            properties={IDENTITY_PROPERTY: identity.to_json()},
+        )
+        logger.info("created collection %r (%s, dim %s)", name, identity.vector_type, identity.model["dimension"])
+
+    def drop_collection(self, name: str) -> None:
+        self._call("drop_collection", self.client.drop_collection, name)
+
+    def load(self, name: str) -> None:
+        self._call("load_collection", self.client.load_collection, name)
+
+    # --- partitions ---------------------------------------------------------------------------
+
+    def list_partitions(self, collection: str) -> list[str]:
+        return self._call("list_partitions", self.client.list_partitions, collection)
+
+    def ensure_partitions(self, collection: str, names: Iterable[str]) -> None:
+        """Create the partitions that do not exist yet; safe when several writers race."""
+        known = self._known_partitions.setdefault(collection, set())
+        missing = [n for n in names if n not in known]
+        if not missing:
+            return
+        known.update(self.list_partitions(collection))
+        for name in missing:
+            if name in known:
+                continue
+            if not is_valid_milvus_name(name):
+                raise ConfigError(f"partition name {name!r} is not a valid Milvus name")
+            try:
+                self._call("create_partition", self.client.create_partition, collection, name)
+            except ReembedError:
+                # Another writer may have created it between our list and our create.
+                if name not in self.list_partitions(collection):
+                    raise
+            known.add(name)
+
+    # --- rows ---------------------------------------------------------------------------------
+
+    def upsert(self, collection: str, partition: str, rows: Sequence[dict[str, Any]]) -> int:
+        """Upsert rows into one partition in requests under MAX_REQUEST_BYTES. Returns rows written."""
+        written = 0
+        for chunk in _chunks_by_bytes(rows, MAX_REQUEST_BYTES):
+            result = self._call(
+                "upsert", self.client.upsert, collection, chunk, partition_name=partition, timeout=self.timeout
+            )
+            written += int(result.get("upsert_count", len(chunk)))
+        return written
+
+    def delete_ids_outside(self, collection: str, partition: str, ids: Sequence[str]) -> int:
+        """Delete rows with these ids from every partition but `partition` (a document that moved).
+
+        Upsert only replaces a row within its partition on a real server, so a document whose
+        partition value changed would otherwise stay twice.
+        """
+        if not ids:
+            return 0
+        found = self._call(
+            "query",
+            self.client.query,
+            collection,
+            filter=f"{F_ID} in {json.dumps(list(ids))} and {F_PARTITION} != {json.dumps(partition)}",
+            output_fields=[F_ID, F_PARTITION],
+            consistency_level="Strong",
+        )
+        deleted = 0
+        by_partition: dict[str, list[str]] = {}
+        for row in found:
+            by_partition.setdefault(row[F_PARTITION], []).append(row[F_ID])
+        for old, old_ids in by_partition.items():
+            self._call("delete", self.client.delete, collection, ids=old_ids, partition_name=old)
+            deleted += len(old_ids)
+        return deleted
+
+    def flush(self, collection: str) -> None:
+        self._call("flush", self.client.flush, collection)
+
+    def count(self, collection: str, partition: str | None = None) -> int:
+        res = self._call(
+            "count",
+            self.client.query,
+            collection,
+            filter="",
+            output_fields=["count(*)"],
+            partition_names=[partition] if partition else None,
+            consistency_level="Strong",
+        )
+        return int(res[0]["count(*)"])
+
+
+def vector_payload(vectors: np.ndarray, vector_type: str) -> list[np.ndarray]:
+    """Per-row vectors in the dtype the field wants: int8 for INT8_VECTOR, float32 otherwise."""
+    dtype = np.int8 if vector_type == "INT8_VECTOR" else np.float32
+    return list(np.ascontiguousarray(vectors, dtype=dtype))
+
+
+def _row_bytes(row: dict[str, Any]) -> int:
+    size = 64
+    for value in row.values():
+        if isinstance(value, np.ndarray):
+            size += value.nbytes
+        elif isinstance(value, str):
+            size += len(value) * 4 if not value.isascii() else len(value)
+    return size
+
+
+def _chunks_by_bytes(rows: Sequence[dict[str, Any]], budget: int) -> Iterable[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for row in rows:
+        b = _row_bytes(row)
+        if chunk and size + b > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += b
+    if chunk:
+        yield chunk
