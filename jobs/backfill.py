@@ -54,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", help="collection name (default documents)")
     p.add_argument("--hnsw-m", type=int)
     p.add_argument("--hnsw-ef-construction", type=int)
-    p.add_argument("--actors", type=int, help="embedding actors (default: one per GPU, else one per node)")
-    p.add_argument("--threads-per-actor", type=int, help="torch threads per CPU actor")
+    p.add_argument("--actors", type=int, help="embedding actors (default: one per GPU, else one per CPU core)")
+    p.add_argument(
+        "--threads-per-actor",
+        type=int,
+        help="torch threads per CPU actor (default 1; more breaks bit-identical codes across batches)",
+    )
     p.add_argument("--batch-size", type=int, help="texts per model forward pass")
     p.add_argument("--writers", type=int, help="writer actors")
     p.add_argument("--write-batch-rows", type=int, help="rows per upsert request (before the byte cap)")
@@ -158,13 +162,21 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     if not exists:
         store.create_collection(cfg.collection, wanted, cfg.max_text_bytes)
     if not spec.partition_by:
-        names = [DEFAULT_PARTITION] if spec.partitions <= 1 else [hash_partition_name(i) for i in range(spec.partitions)]
+        names = (
+            [DEFAULT_PARTITION] if spec.partitions <= 1 else [hash_partition_name(i) for i in range(spec.partitions)]
+        )
         store.ensure_partitions(cfg.collection, names)
 
     vectors = pipeline.embed(docs, source, cfg.precision, wanted.calibration, compute)
     results = pipeline.write(
-        vectors, uri, cfg.milvus_token, cfg.collection, wanted.vector_type, cfg.max_text_bytes,
-        bool(spec.partition_by), compute,
+        vectors,
+        uri,
+        cfg.milvus_token,
+        cfg.collection,
+        wanted.vector_type,
+        cfg.max_text_bytes,
+        bool(spec.partition_by),
+        compute,
     )
     run_dir = _run_dir(cfg)
     rejects_path = run_dir / "rejects.jsonl"
@@ -176,8 +188,14 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     with open(rejects_path, "w") as rejects:
         for batch in pipeline.iter_summaries(results):
             for kind, part, count, doc_id, src, reason, raw in zip(
-                batch["kind"], batch["partition"], batch["count"], batch["id"], batch["source"],
-                batch["reason"], batch["raw"], strict=True,
+                batch["kind"],
+                batch["partition"],
+                batch["count"],
+                batch["id"],
+                batch["source"],
+                batch["reason"],
+                batch["raw"],
+                strict=True,
             ):
                 if kind == "written":
                     first_write_at = first_write_at or time.monotonic()
@@ -185,13 +203,16 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
                 else:
                     rejected += 1
                     reasons[str(reason).split(":")[0]] += 1
-                    rejects.write(json.dumps({"id": doc_id, "source": src, "reason": reason, "raw": raw},
-                                             ensure_ascii=False) + "\n")
+                    rejects.write(
+                        json.dumps({"id": doc_id, "source": src, "reason": reason, "raw": raw}, ensure_ascii=False)
+                        + "\n"
+                    )
             if time.monotonic() - last_log > PROGRESS_EVERY_S:
                 last_log = time.monotonic()
                 done = sum(per_partition.values())
-                logger.info("progress: %d written, %d rejected, %.1f docs/s", done, rejected,
-                            done / (last_log - started))
+                logger.info(
+                    "progress: %d written, %d rejected, %.1f docs/s", done, rejected, done / (last_log - started)
+                )
     store.flush(cfg.collection)
     written = sum(per_partition.values())
     return {

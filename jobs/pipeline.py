@@ -37,35 +37,51 @@ WRITER_NUM_CPUS = 0.1
 ROWS_PER_ACTOR_CALL_FACTOR = 8
 
 
+# CPU each node keeps for the read and write stages, so embedding actors never starve them.
+IO_CPU_RESERVE = 0.5
+
+
 @dataclass(frozen=True)
 class ComputePlan:
     actors: int
-    actors_per_node: int
+    cpus_per_actor: float
     gpus_per_actor: float
     device: str
     batch_size: int
     writers: int
     write_batch_rows: int
-    threads_per_actor: int | None = None
+    threads_per_actor: int = 1
 
 
-def plan_compute(actors: int | None, device: str, batch_size: int, writers: int, write_batch_rows: int,
-                 threads_per_actor: int | None) -> ComputePlan:
-    """One GPU per actor where the cluster has GPUs, else one CPU actor per node using its cores."""
+def plan_compute(
+    actors: int | None, device: str, batch_size: int, writers: int, write_batch_rows: int, threads_per_actor: int | None
+) -> ComputePlan:
+    """One GPU per actor where the cluster has GPUs; else one single-threaded actor per core.
+
+    Single-threaded CPU actors keep embeddings bit-identical however rows are batched (see
+    reembed/embedder.py) and scale without intra-op synchronisation.
+    """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
     nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-    n_actors = actors or (gpus if use_gpu else nodes)
+    threads = threads_per_actor or 1
+    if use_gpu:
+        n_actors, cpus_per_actor = actors or gpus, 1.0
+    else:
+        n_actors = actors or max(1, int(cpus // threads))
+        per_node = math.ceil(n_actors / nodes)
+        cpus_per_actor = min(float(threads), max(0.1, (cpus / nodes - IO_CPU_RESERVE) / per_node))
     return ComputePlan(
         actors=n_actors,
-        actors_per_node=math.ceil(n_actors / nodes),
+        cpus_per_actor=round(cpus_per_actor, 3),
         gpus_per_actor=1.0 if use_gpu else 0.0,
         device="cuda" if use_gpu else "cpu",
         batch_size=batch_size,
         writers=writers,
         write_batch_rows=write_batch_rows,
-        threads_per_actor=threads_per_actor,
+        threads_per_actor=threads,
     )
 
 
@@ -91,7 +107,10 @@ def read_documents(plan: InputPlan, spec: DocumentSpec, duplicates: dict[str, in
             return mark_duplicates(table, dup)
 
         records = ray.data.read_parquet(
-            plan.parquet_files, filesystem=plan.filesystem, columns=wanted, include_paths=True,
+            plan.parquet_files,
+            filesystem=plan.filesystem,
+            columns=wanted,
+            include_paths=True,
             num_cpus=READ_NUM_CPUS,
         )
         parts.append(records.map_batches(from_records, batch_format="pyarrow", num_cpus=READ_NUM_CPUS))
@@ -111,8 +130,9 @@ def count_duplicate_ids(docs: ray.data.Dataset, input_bytes: int) -> dict[str, i
     return {r[C_ID]: int(r["count()"]) for r in repeated.take_all()}
 
 
-def embed(docs: ray.data.Dataset, source: ModelSource, precision: str, calibration_json: str | None,
-          compute: ComputePlan) -> ray.data.Dataset:
+def embed(
+    docs: ray.data.Dataset, source: ModelSource, precision: str, calibration_json: str | None, compute: ComputePlan
+) -> ray.data.Dataset:
     return docs.map_batches(
         DocumentEncoder,
         fn_constructor_kwargs={
@@ -121,19 +141,26 @@ def embed(docs: ray.data.Dataset, source: ModelSource, precision: str, calibrati
             "calibration_json": calibration_json,
             "device": compute.device,
             "batch_size": compute.batch_size,
-            "actors_per_node": compute.actors_per_node,
             "threads": compute.threads_per_actor,
         },
         batch_size=compute.batch_size * ROWS_PER_ACTOR_CALL_FACTOR,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=compute.actors),
         num_gpus=compute.gpus_per_actor,
-        num_cpus=1,
+        num_cpus=compute.cpus_per_actor,
     )
 
 
-def write(vectors: ray.data.Dataset, uri: str, token: str | None, collection: str, vector_type: str,
-          max_text_bytes: int, partition_by_field: bool, compute: ComputePlan) -> ray.data.Dataset:
+def write(
+    vectors: ray.data.Dataset,
+    uri: str,
+    token: str | None,
+    collection: str,
+    vector_type: str,
+    max_text_bytes: int,
+    partition_by_field: bool,
+    compute: ComputePlan,
+) -> ray.data.Dataset:
     return vectors.map_batches(
         BatchWriter,
         fn_constructor_kwargs={

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import tomllib
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -53,8 +53,12 @@ class BackfillConfig(BaseSettings):
     hnsw_m: int = Field(32, ge=4, le=64)
     hnsw_ef_construction: int = Field(200, ge=8, le=1024)
 
-    actors: int | None = Field(None, ge=1, le=1024, description="embedding actors (default: one per GPU, else 1)")
-    threads_per_actor: int | None = Field(None, ge=1, le=256)
+    actors: int | None = Field(
+        None, ge=1, le=1024, description="embedding actors (default: one per GPU, else per core)"
+    )
+    threads_per_actor: int | None = Field(
+        None, ge=1, le=256, description="torch threads per CPU actor (default 1: batch-invariant codes)"
+    )
     batch_size: int = Field(64, ge=1, le=4096)
     writers: int = Field(2, ge=1, le=256)
     write_batch_rows: int = Field(512, ge=1, le=10_000)
@@ -89,7 +93,6 @@ class BackfillConfig(BaseSettings):
                 "choose one partitioning scheme"
             )
         return self
-
 
 
 T = TypeVar("T", bound=BaseSettings)

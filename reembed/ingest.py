@@ -8,7 +8,6 @@ Both load their heavy state (model, connection) once in `__init__`.
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from typing import Any
 
@@ -41,11 +40,8 @@ class DocumentEncoder:
         calibration_json: str | None,
         device: str = "auto",
         batch_size: int = 64,
-        actors_per_node: int = 1,
-        threads: int | None = None,
+        threads: int | None = 1,
     ) -> None:
-        if threads is None and device != "cuda":
-            threads = max(1, (os.cpu_count() or 1) // max(1, actors_per_node))
         self.embedder = Embedder(source, device=device, threads=threads, batch_size=batch_size)
         self.calibration = Int8Calibration.from_json(calibration_json) if calibration_json else None
         self.emit_codes = precision == "int8" and self.calibration is not None

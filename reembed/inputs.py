@@ -54,7 +54,9 @@ def list_input_files(uri: str) -> InputPlan:
     if info.type == pafs.FileType.File:
         candidates = [info]
     else:
-        candidates = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+        candidates = [
+            i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File
+        ]
     plan = InputPlan(filesystem=fs)
     for item in sorted(candidates, key=lambda i: i.path):
         name = item.path.lower()

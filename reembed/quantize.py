@@ -69,9 +69,7 @@ class Int8Calibration:
     def from_json(cls, text: str) -> Int8Calibration:
         data = json.loads(text)
         if data.get("version") != CALIBRATION_VERSION:
-            raise ValueError(
-                f"int8 calibration: expected version {CALIBRATION_VERSION}, got {data.get('version')!r}"
-            )
+            raise ValueError(f"int8 calibration: expected version {CALIBRATION_VERSION}, got {data.get('version')!r}")
         data["scale"] = tuple(float(s) for s in data["scale"])
         return cls(**data)
 

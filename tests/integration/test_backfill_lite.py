@@ -1,0 +1,210 @@
+"""The backfill job end to end on the embedded default: real Ray, Milvus Lite, all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.backfill import parse_config, run
+from reembed.errors import ConfigError, ModelMismatchError, StoreUnavailableError
+from reembed.search import Searcher
+from reembed.store import F_ID, MilvusStore
+from tests.conftest import REPO, read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def backfill(tmp_path: Path, input_path: Path, collection: str = "docs", db: str = "m.db", **flags):
+    argv = [
+        "--input",
+        str(input_path),
+        "--milvus-uri",
+        str(tmp_path / db),
+        "--collection",
+        collection,
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--calibration-sample",
+        "128",
+    ]
+    for key, value in flags.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return run(parse_config(argv))
+
+
+def all_ids(uri: str, collection: str) -> list[str]:
+    store = MilvusStore(uri)
+    try:
+        rows = store.query(collection, f'{F_ID} != ""', [F_ID], limit=16384)
+        return [r[F_ID] for r in rows]
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def cranfield_backfill(tmp_path_factory, cranfield, ray_local):
+    tmp = tmp_path_factory.mktemp("cran")
+    summary = backfill(tmp, cranfield / "corpus.jsonl", collection="cranfield", batch_size=32)
+    return tmp, summary
+
+
+def test_cranfield_backfill_finds_relevant_documents(cranfield_backfill, cranfield):
+    tmp, summary = cranfield_backfill
+    # Two Cranfield documents (471, 995) have neither title nor text: rejected with a reason.
+    assert summary["read"] == 1400 and summary["written"] == 1398 and summary["rejected"] == 2
+    rejects = read_jsonl(Path(summary["rejects_file"]))
+    assert sorted(r["id"] for r in rejects) == ["471", "995"]
+    assert all(r["reason"].startswith("missing text") for r in rejects)
+    assert summary["precision"] == "int8" and summary["vector_type"] == "FLOAT_VECTOR"
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    assert manifest["summary"]["partitions"] == {"_default": 1398}
+    assert manifest["config"]["collection"] == "cranfield"
+
+    queries = {q["_id"]: q["text"] for q in read_jsonl(cranfield / "queries.jsonl")}
+    qrels: dict[str, set[str]] = {}
+    for line in (cranfield / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        qid, did, score = line.split("\t")
+        if int(score) > 0:
+            qrels.setdefault(qid, set()).add(did)
+    store = MilvusStore(str(tmp / "m.db"))
+    try:
+        searcher = Searcher(store, "cranfield", device="cpu")
+        judged = [q for q in queries if q in qrels]
+        hits, timing = searcher.search([queries[q] for q in judged], k=10, ef=128)
+        found = sum(bool({h.id for h in row} & qrels[q]) for q, row in zip(judged, hits, strict=True))
+        assert timing["embed"] > 0 and timing["search"] > 0
+        # all-MiniLM-L6-v2 finds a judged document in the top 10 for most Cranfield queries.
+        assert found / len(judged) >= 0.7, f"only {found}/{len(judged)} queries found a relevant document"
+        assert 0.0 < hits[0][0].score <= 1.05  # int8 code scores are mapped back to cosine
+    finally:
+        store.close()
+
+
+def test_rerun_is_idempotent_and_cli_prints_summary(tmp_path, cranfield, ray_local):
+    docs = read_jsonl(cranfield / "corpus.jsonl")[:60]
+    src = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)
+    first = backfill(tmp_path, src, partitions=3)
+    assert first["written"] == 60
+    # The same input again, through the CLI as a user runs it: same rows, no duplicates.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.backfill",
+            "--input",
+            str(src),
+            "--milvus-uri",
+            str(tmp_path / "m.db"),
+            "--collection",
+            "docs",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--partitions",
+            "3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("read", "written", "rejected", "docs_per_s", "seconds", "collection", "model", "precision"):
+        assert key in summary
+    assert summary["read"] == 60 and summary["written"] == 60 and summary["calibration"] == "reused"
+    assert set(summary["partitions"]) == {"part_0000", "part_0001", "part_0002"}
+    ids = all_ids(str(tmp_path / "m.db"), "docs")
+    assert sorted(ids) == sorted(d["_id"] for d in docs)
+
+
+def test_bad_rows_are_counted_and_kept_with_reasons(tmp_path, cranfield, ray_local):
+    good = read_jsonl(cranfield / "corpus.jsonl")[:20]
+    bad = [
+        {"title": "no id here", "text": "some text"},
+        {"_id": "empty", "title": "", "text": "   "},
+        {"_id": "number", "text": 42},
+        {"_id": "dup", "text": "first copy"},
+        {"_id": "dup", "text": "second copy"},
+        "{not json",
+        json.dumps([1, 2, 3]),
+    ]
+    src = write_jsonl(tmp_path / "bad.jsonl", good[:10] + bad + good[10:])
+    summary = backfill(tmp_path, src)
+    assert summary["written"] == 20
+    assert summary["rejected"] == 7 and summary["read"] == 27
+    rejects = read_jsonl(Path(summary["rejects_file"]))
+    counts = {}
+    for r in rejects:
+        counts[r["reason"].split(":")[0]] = counts.get(r["reason"].split(":")[0], 0) + 1
+    assert counts == {
+        "missing id": 1,
+        "missing text": 1,
+        "bad text": 1,
+        "duplicate id": 2,
+        "bad JSON": 1,
+        "bad record": 1,
+    }
+    assert summary["rejected_by_reason"] == counts
+    by_reason = {}
+    for r in rejects:
+        by_reason.setdefault(r["reason"].split(":")[0], []).append(r)
+    assert len(by_reason["missing id"]) == 1
+    assert len(by_reason["missing text"]) == 1 and by_reason["missing text"][0]["id"] == "empty"
+    assert len(by_reason["bad text"]) == 1 and "int" in by_reason["bad text"][0]["reason"]
+    assert sorted(json.loads(r["raw"])["text"] for r in by_reason["duplicate id"]) == ["first copy", "second copy"]
+    assert by_reason["bad JSON"][0]["raw"] == "{not json"
+    assert len(by_reason["bad record"]) == 1
+    assert all(r["source"].endswith("bad.jsonl") for r in rejects)
+    assert sorted(all_ids(str(tmp_path / "m.db"), "docs")) == sorted(d["_id"] for d in good)
+
+
+def test_partition_by_field_uses_valid_names(tmp_path, cranfield, ray_local):
+    docs = read_jsonl(cranfield / "corpus.jsonl")[:12]
+    for i, d in enumerate(docs):
+        d["lang"] = ["en", "en-US", "fr"][i % 3]
+    src = write_jsonl(tmp_path / "p.jsonl", docs)
+    summary = backfill(tmp_path, src, partition_by="lang")
+    assert summary["written"] == 12
+    names = set(summary["partitions"])
+    assert "en" in names and "fr" in names and len(names) == 3
+    odd = (names - {"en", "fr"}).pop()
+    assert odd.startswith("p_en_US_")
+    store = MilvusStore(str(tmp_path / "m.db"))
+    try:
+        assert store.count("docs", odd) == 4
+    finally:
+        store.close()
+
+
+def test_other_model_on_same_collection_is_refused(tmp_path, cranfield, ray_local, tiny_model):
+    src = write_jsonl(tmp_path / "a.jsonl", read_jsonl(cranfield / "corpus.jsonl")[:8])
+    backfill(tmp_path, src)
+    with pytest.raises(ModelMismatchError) as err:
+        backfill(tmp_path, src, model=str(tiny_model))
+    assert "model.dimension: collection has 384, this run has 32" in str(err.value)
+    with pytest.raises(ModelMismatchError) as err:
+        backfill(tmp_path, src, precision="float32")
+    assert "precision" in str(err.value)
+
+
+def test_bad_config_fails_before_any_work(tmp_path, cranfield):
+    src = write_jsonl(tmp_path / "a.jsonl", read_jsonl(cranfield / "corpus.jsonl")[:3])
+    with pytest.raises(ConfigError, match="does not exist"):
+        backfill(tmp_path, tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="id_field: 'doc_id'"):
+        backfill(tmp_path, src, id_field="doc_id")
+    with pytest.raises(ConfigError, match="text_fields"):
+        backfill(tmp_path, src, text_fields="body,abstract")
+    with pytest.raises(ConfigError, match="partitions"):
+        backfill(tmp_path, src, partitions=0)
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ConfigError, match="cannot read Parquet"):
+        backfill(tmp_path, tmp_path / "broken.parquet")
+    argv = ["--input", str(src), "--milvus-uri", "http://127.0.0.1:9", "--output-dir", str(tmp_path / "runs")]
+    with pytest.raises(StoreUnavailableError, match="cannot reach Milvus"):
+        run(parse_config(argv))
+    assert not (tmp_path / "runs").exists()  # nothing was started, so no run directory

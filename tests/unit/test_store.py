@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from reembed.store import CollectionIdentity, ServerCapabilities, _chunks_by_bytes, vector_payload
+
+
+def test_capabilities_follow_server_version():
+    lite = ServerCapabilities.from_version("milvus_lite-3.2.2")
+    assert lite.is_lite and not lite.int8_vector and not lite.binary_vector
+    assert lite.vector_type_for("int8") == "FLOAT_VECTOR"
+    assert "no INT8_VECTOR" in lite.fallback_note("int8")
+    old = ServerCapabilities.from_version("v2.3.5-lite")  # the `milvus` package's server says "-lite" too
+    assert not old.is_lite and old.binary_vector and not old.int8_vector
+    new = ServerCapabilities.from_version("v2.6.1")
+    assert new.int8_vector and new.vector_type_for("int8") == "INT8_VECTOR" and new.fallback_note("int8") is None
+    assert new.vector_type_for("float32") == "FLOAT_VECTOR"
+
+
+def identity(**model) -> CollectionIdentity:
+    base = {"name": "m", "weights_sha256": "abc", "dimension": 384, "normalize": True}
+    return CollectionIdentity(
+        model={**base, **model},
+        precision="int8",
+        vector_type="FLOAT_VECTOR",
+        calibration=None,
+        partitioning={"scheme": "hash", "partitions": 1},
+        hnsw={"M": 32, "efConstruction": 200},
+    )
+
+
+def test_identity_differences_name_what_differs():
+    assert identity().differences(identity()) == []
+    diffs = identity().differences(identity(dimension=768, name="other"))
+    assert "model.name: collection has 'm', this run has 'other'" in diffs
+    assert "model.dimension: collection has 384, this run has 768" in diffs
+    assert CollectionIdentity.from_json(identity().to_json()) == identity()
+
+
+def test_requests_are_chunked_under_byte_budget():
+    rows = [{"id": str(i), "vector": np.zeros(100, np.float32), "text": "x" * 600} for i in range(10)]
+    chunks = list(_chunks_by_bytes(rows, 2500))
+    assert sum(len(c) for c in chunks) == 10 and all(len(c) <= 2 for c in chunks)
+
+
+@pytest.mark.parametrize(("vtype", "dtype"), [("INT8_VECTOR", np.int8), ("FLOAT_VECTOR", np.float32)])
+def test_vector_payload_dtype(vtype, dtype):
+    out = vector_payload(np.array([[1, -2]], dtype=np.int8), vtype)
+    assert out[0].dtype == dtype and out[0].tolist() == [1, -2]
