@@ -46,12 +46,12 @@ class LiteServer:
         if not Path(exe).exists():
             raise ConfigError("milvus_uri: a .db URI needs the milvus-lite package (pip install milvus-lite)")
         self.log_path = self.db_path.parent / f"{self.db_path.name}.server.log"
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [exe, "server", "--data-dir", str(self.db_path), "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [exe, "server", "--data-dir", str(self.db_path), "--host", "127.0.0.1", "--port", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

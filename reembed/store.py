@@ -11,6 +11,7 @@ are stored in a FLOAT_VECTOR field, which ranks them identically (inner product 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -156,10 +157,8 @@ class MilvusStore:
         self._loaded: set[str] = set()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a dead connection must not mask the real error
             self.client.close()
-        except Exception:  # closing a dead connection must not mask the real error
-            pass
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call pymilvus, retrying transient errors with exponential back-off; never input errors."""

@@ -69,8 +69,10 @@ def milvus_server(tmp_path_factory):
     if _port_open(MILVUS_SERVER_PORT):
         pytest.skip(f"port {MILVUS_SERVER_PORT} is busy: another Milvus is running")
     data = tmp_path_factory.mktemp("milvus-server")
-    log = open(data / "server.log", "wb")
-    proc = subprocess.Popen([exe, "--data", str(data)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(data / "server.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [exe, "--data", str(data)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     uri = f"http://127.0.0.1:{MILVUS_SERVER_PORT}"
     from pymilvus import MilvusClient
 
