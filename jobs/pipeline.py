@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 
@@ -25,6 +26,7 @@ from reembed.documents import (
     normalize_records,
 )
 from reembed.embedder import ModelSource
+from reembed.errors import ConfigError
 from reembed.ingest import C_VECTOR, BatchWriter, DocumentEncoder
 from reembed.inputs import InputPlan
 
@@ -37,8 +39,6 @@ WRITER_NUM_CPUS = 0.1
 ROWS_PER_ACTOR_CALL_FACTOR = 8
 
 
-# CPU each node keeps for the read and write stages, so embedding actors never starve them.
-IO_CPU_RESERVE = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,28 @@ class ComputePlan:
     threads_per_actor: int = 1
 
 
+def cluster_shape() -> tuple[float, int, int]:
+    """(CPUs, GPUs, alive nodes) of the Ray cluster this driver is connected to."""
+    resources = ray.cluster_resources()
+    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+    return float(resources.get("CPU", 1)), int(resources.get("GPU", 0)), nodes
+
+
 def plan_compute(
-    actors: int | None, device: str, batch_size: int, writers: int, write_batch_rows: int, threads_per_actor: int | None
+    actors: int | None,
+    device: str,
+    batch_size: int,
+    writers: int,
+    write_batch_rows: int,
+    threads_per_actor: int | None,
+    shape: tuple[float, int, int] | None = None,
 ) -> ComputePlan:
     """One GPU per actor where the cluster has GPUs; else one single-threaded actor per core.
 
     Single-threaded CPU actors keep embeddings bit-identical however rows are batched (see
     reembed/embedder.py) and scale without intra-op synchronisation.
     """
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = float(resources.get("CPU", 1))
-    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+    cpus, gpus, nodes = shape or cluster_shape()
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
     threads = threads_per_actor or 1
     if use_gpu:
@@ -72,7 +82,17 @@ def plan_compute(
     else:
         n_actors = actors or max(1, int(cpus // threads))
         per_node = math.ceil(n_actors / nodes)
-        cpus_per_actor = min(float(threads), max(0.1, (cpus / nodes - IO_CPU_RESERVE) / per_node))
+        # Leave each node room for a read task, a parse task and the writers (counted as if all
+        # landed on it): if the actors held every CPU, Ray Data could never schedule a read.
+        io_reserve = 2 * READ_NUM_CPUS + writers * WRITER_NUM_CPUS + 0.05
+        spare = cpus / nodes - io_reserve
+        if spare < 0.05 * per_node:
+            raise ConfigError(
+                f"writers: {writers} writers plus reading need {io_reserve:.2f} CPU per node, leaving too "
+                f"little for {per_node} embedding actor(s) on nodes of {cpus / nodes:g} CPUs; use fewer --writers "
+                "or --actors"
+            )
+        cpus_per_actor = min(float(threads), spare / per_node)
     return ComputePlan(
         actors=n_actors,
         cpus_per_actor=round(cpus_per_actor, 3),
@@ -117,13 +137,23 @@ def read_documents(plan: InputPlan, spec: DocumentSpec, duplicates: dict[str, in
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
+def _good_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column(C_REJECT), ""))
+
+
+def good_documents(docs: ray.data.Dataset) -> ray.data.Dataset:
+    """Documents without a reject reason. A map with a small CPU share: Ray's filter would ask for a
+    whole CPU per task, which the embedding actors may already hold, and wait forever."""
+    return docs.map_batches(_good_rows, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
+
+
 def count_duplicate_ids(docs: ray.data.Dataset, input_bytes: int) -> dict[str, int]:
     """Ids that appear more than once among good documents, with their counts.
 
     A pass over the ids alone (a shuffle of short strings), so that every copy of a repeated id
     is rejected the same way whatever the order in which blocks arrive.
     """
-    ids = docs.filter(lambda r: r[C_REJECT] == "").select_columns([C_ID])
+    ids = good_documents(docs).select_columns([C_ID])
     # Ray's default of 200 shuffle partitions costs seconds of task overhead on a small corpus.
     partitions = max(1, min(200, input_bytes // SHUFFLE_BYTES_PER_PARTITION))
     repeated = ids.groupby(C_ID, num_partitions=partitions).count().filter(lambda r: r["count()"] > 1)
@@ -180,7 +210,7 @@ def write(
 
 def sample_embeddings(docs: ray.data.Dataset, size: int, source: ModelSource, compute: ComputePlan) -> np.ndarray:
     """Float embeddings of the first `size` good documents: the int8 calibration sample."""
-    sample = docs.filter(lambda r: r[C_REJECT] == "").limit(size)
+    sample = good_documents(docs).limit(size)
     floats = embed(sample, source, "float32", None, compute)
     parts = [b[C_VECTOR] for b in floats.select_columns([C_VECTOR]).iter_batches(batch_format="numpy")]
     return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)

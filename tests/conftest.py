@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -87,15 +88,16 @@ def milvus_server(tmp_path_factory):
             break
         except Exception:
             if time.monotonic() > deadline:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 pytest.fail("milvus-server did not answer within 120 s")
             time.sleep(1)
     yield uri
-    proc.terminate()
+    # milvus-server runs the C++ server as a child: stop the whole process group.
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

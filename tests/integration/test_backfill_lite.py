@@ -18,12 +18,12 @@ from tests.conftest import REPO, read_jsonl, write_jsonl
 pytestmark = pytest.mark.slow
 
 
-def backfill(tmp_path: Path, input_path: Path, collection: str = "docs", db: str = "m.db", **flags):
+def backfill_argv(tmp_path: Path, input_path: Path, collection: str = "docs", db: str = "m.db", **flags) -> list:
     argv = [
         "--input",
         str(input_path),
         "--milvus-uri",
-        str(tmp_path / db),
+        flags.pop("milvus_uri", str(tmp_path / db)),
         "--collection",
         collection,
         "--output-dir",
@@ -33,7 +33,11 @@ def backfill(tmp_path: Path, input_path: Path, collection: str = "docs", db: str
     ]
     for key, value in flags.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    return run(parse_config(argv))
+    return argv
+
+
+def backfill(tmp_path: Path, input_path: Path, collection: str = "docs", db: str = "m.db", **flags):
+    return run(parse_config(backfill_argv(tmp_path, input_path, collection, db, **flags)))
 
 
 def all_ids(uri: str, collection: str) -> list[str]:
