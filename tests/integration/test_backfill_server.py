@@ -22,7 +22,7 @@ def test_backfill_into_milvus_server_with_concurrent_writers(tmp_path, cranfield
     )
     first = run(parse_config(argv))
     assert first["milvus"].startswith("v2.3") and first["vector_type"] == "FLOAT_VECTOR"
-    assert first["written"] == 298 and first["rejected"] == 0 or first["written"] == 300
+    assert first["written"] == 300 and first["rejected"] == 0
     second = run(parse_config(argv))  # rerun: upserts by id leave the same rows
     assert second["written"] == first["written"] and second["calibration"] == "reused"
 
