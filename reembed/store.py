@@ -319,7 +319,9 @@ class MilvusStore:
         self._call("flush", self.client.flush, collection)
 
     def count(self, collection: str, partition: str | None = None) -> int:
-        res = self.query(collection, "", ["count(*)"], partition_names=[partition] if partition else None)
+        # Filter on the stored partition field: Milvus Lite ignores partition_names in count(*).
+        expr = f"{F_PARTITION} == {json.dumps(partition)}" if partition else ""
+        res = self.query(collection, expr, ["count(*)"])
         return int(res[0]["count(*)"])
 
 
