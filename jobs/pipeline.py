@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -36,9 +37,7 @@ READ_NUM_CPUS = 0.25
 SHUFFLE_BYTES_PER_PARTITION = 256 << 20
 WRITER_NUM_CPUS = 0.1
 # Rows handed to an embedding actor at once; the embedder buckets them by length inside.
-ROWS_PER_ACTOR_CALL_FACTOR = 8
-
-
+ROWS_PER_ACTOR_CALL_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -122,18 +121,23 @@ def read_documents(plan: InputPlan, spec: DocumentSpec, duplicates: dict[str, in
     if plan.parquet_files:
         wanted = [f for f in {spec.id_field, *spec.text_fields, spec.partition_by} if f and f in plan.fields_seen]
 
-        def from_records(batch: pa.Table) -> pa.Table:
-            table = normalize_records(batch.select(wanted).to_pylist(), batch.column("path").to_pylist(), spec)
-            return mark_duplicates(table, dup)
+        fs = plan.filesystem
 
-        records = ray.data.read_parquet(
-            plan.parquet_files,
-            filesystem=plan.filesystem,
-            columns=wanted,
-            include_paths=True,
-            num_cpus=READ_NUM_CPUS,
+        def from_files(batch: pa.Table):
+            # Each task reads its Parquet files row group by row group. Ray's read_parquet lists
+            # files in a task that asks for a whole CPU, which the embedding actors may hold.
+            for path in batch.column("path").to_pylist():
+                with fs.open_input_file(path) as fh:
+                    parquet = pq.ParquetFile(fh)
+                    columns = [c for c in wanted if c in parquet.schema_arrow.names]
+                    for record_batch in parquet.iter_batches(batch_size=4096, columns=columns):
+                        table = pa.Table.from_batches([record_batch])
+                        yield mark_duplicates(normalize_records(table.to_pylist(), [path] * table.num_rows, spec), dup)
+
+        files = ray.data.from_items(
+            [{"path": p} for p in plan.parquet_files], override_num_blocks=len(plan.parquet_files)
         )
-        parts.append(records.map_batches(from_records, batch_format="pyarrow", num_cpus=READ_NUM_CPUS))
+        parts.append(files.map_batches(from_files, batch_size=1, batch_format="pyarrow", num_cpus=READ_NUM_CPUS))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
@@ -156,8 +160,13 @@ def count_duplicate_ids(docs: ray.data.Dataset, input_bytes: int) -> dict[str, i
     ids = good_documents(docs).select_columns([C_ID])
     # Ray's default of 200 shuffle partitions costs seconds of task overhead on a small corpus.
     partitions = max(1, min(200, input_bytes // SHUFFLE_BYTES_PER_PARTITION))
-    repeated = ids.groupby(C_ID, num_partitions=partitions).count().filter(lambda r: r["count()"] > 1)
+    counts = ids.groupby(C_ID, num_partitions=partitions).count()
+    repeated = counts.map_batches(_repeated_ids, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
     return {r[C_ID]: int(r["count()"]) for r in repeated.take_all()}
+
+
+def _repeated_ids(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.greater(batch.column("count()"), 1))
 
 
 def embed(
@@ -175,7 +184,9 @@ def embed(
         },
         batch_size=compute.batch_size * ROWS_PER_ACTOR_CALL_FACTOR,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=compute.actors),
+        # One call in flight per actor: otherwise the first actor to start queues the first blocks
+        # and, on a small input, the others sit idle (measured: one of two cores doing all the work).
+        compute=ray.data.ActorPoolStrategy(size=compute.actors, max_tasks_in_flight_per_actor=1),
         num_gpus=compute.gpus_per_actor,
         num_cpus=compute.cpus_per_actor,
     )

@@ -212,3 +212,20 @@ def test_bad_config_fails_before_any_work(tmp_path, cranfield):
     with pytest.raises(StoreUnavailableError, match="cannot reach Milvus"):
         run(parse_config(argv))
     assert not (tmp_path / "runs").exists()  # nothing was started, so no run directory
+
+
+def test_directory_of_jsonl_and_parquet_through_a_filesystem_uri(tmp_path, cranfield, ray_local):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = read_jsonl(cranfield / "corpus.jsonl")[:16]
+    folder = tmp_path / "mixed"
+    write_jsonl(folder / "part-a.jsonl", docs[:8])
+    rows = [{"_id": d["_id"], "title": d["title"], "text": d["text"]} for d in docs[8:]]
+    rows.append({"_id": "no-text", "title": None, "text": None})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-b.parquet")
+    summary = backfill(tmp_path, f"file://{folder}")
+    assert summary["written"] == 16 and summary["rejected"] == 1
+    reject = read_jsonl(Path(summary["rejects_file"]))[0]
+    assert reject["id"] == "no-text" and reject["source"].endswith("part-b.parquet")
+    assert sorted(all_ids(str(tmp_path / "m.db"), "docs")) == sorted(d["_id"] for d in docs)
