@@ -17,7 +17,6 @@ to such rounding. The grouping also keeps padding small (length bucketing).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -186,10 +185,6 @@ class Embedder:
         """Unit-norm float32 embeddings, shape (len(texts), dimension)."""
         return self._encode(texts, "query")
 
-    def token_lengths(self, texts: list[str]) -> list[int]:
-        enc = self.model.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)
-        return [len(ids) for ids in enc["input_ids"]]
-
     def _encode(self, texts: list[str], kind: Literal["query", "document"]) -> np.ndarray:
         import torch
 
@@ -238,7 +233,3 @@ def describe_model(name_or_path: str) -> tuple[ModelSource, ModelIdentity]:
     identity = embedder.identity()
     del embedder
     return source, identity
-
-
-def identity_from_json(text: str) -> ModelIdentity:
-    return ModelIdentity(**json.loads(text))

@@ -7,7 +7,6 @@ weights differ; `search_collection` runs one Milvus search for a batch of query 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -128,7 +127,3 @@ class Searcher:
         hits = [[Hit(h.id, self.encoder.score_to_cosine(h.score), h.fields) for h in row] for row in hits]
         timing = {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
         return hits, timing
-
-
-def hits_to_json(hits: list[Hit]) -> str:
-    return json.dumps([{"id": h.id, "score": round(h.score, 4), **h.fields} for h in hits])
