@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def _port_open(port: int) -> bool:
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     """The real Milvus C++ server (2.3.5, from the `milvus` package) on 127.0.0.1:19530."""
-    exe = shutil.which("milvus-server")
+    # The venv's bin is not on PATH when pytest runs as .venv/bin/python -m pytest.
+    beside = Path(sys.executable).with_name("milvus-server")
+    exe = str(beside) if beside.exists() else shutil.which("milvus-server")
     if exe is None:
         pytest.skip("milvus-server not installed (pip install milvus==2.3.5)")
     if _port_open(MILVUS_SERVER_PORT):
