@@ -136,3 +136,66 @@ def load_settings(cls: type[T], flags: dict[str, Any], config_file: str | Path |
             for err in exc.errors()
         )
         raise ConfigError(f"invalid {cls.__name__}: {problems}") from None
+
+
+class ServiceConfig(BaseSettings):
+    """Everything the search service needs: `serve run serve.app:build_app key=value ...`,
+    the `args:` of serve/config.yaml, or `REEMBED_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="REEMBED_", extra="forbid")
+
+    milvus_uri: str = DEFAULT_MILVUS_URI
+    milvus_token: str | None = None
+    collection: str = Field(DEFAULT_COLLECTION, description="collection or alias to search")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Query embedding deployment: dynamic batching and autoscaling.
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=1.0)
+    min_replicas: int = Field(1, ge=1, le=1024)
+    max_replicas: int = Field(2, ge=1, le=1024)
+    target_ongoing_requests: float = Field(16, gt=0, le=10_000)
+    embedder_num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs (and torch threads) per CPU replica")
+    embedder_num_gpus: float | None = Field(
+        None, ge=0, le=8, description="GPUs per replica (default: 1 where the cluster has GPUs, else 0)"
+    )
+    ingress_replicas: int = Field(1, ge=1, le=1024)
+    ingress_num_cpus: float = Field(0.5, gt=0, le=64, description="CPUs per ingress replica (mostly waits on I/O)")
+
+    cache_size: int = Field(10_000, ge=0, le=10_000_000, description="query embeddings kept; 0 disables")
+
+    # Request bounds.
+    default_k: int = Field(10, ge=1, le=16_384)
+    max_k: int = Field(100, ge=1, le=16_384)
+    default_ef: int = Field(64, ge=1, le=32_768)
+    max_ef: int = Field(1024, ge=1, le=32_768)
+    max_query_chars: int = Field(2048, ge=1, le=1_000_000)
+    max_batch_queries: int = Field(64, ge=1, le=10_000)
+    output_fields: list[str] = Field(default_factory=lambda: ["text", "partition"])
+
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on /search")
+    search_timeout_s: float = Field(5.0, gt=0, le=600)
+    identity_refresh_s: float = Field(5.0, gt=0, le=3600, description="how often an alias's target is re-read")
+
+    @field_validator("output_fields", mode="before")
+    @classmethod
+    def _split_output_fields(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ServiceConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
+        if self.default_ef > self.max_ef:
+            raise ValueError(f"default_ef ({self.default_ef}) must be <= max_ef ({self.max_ef})")
+        if self.milvus_uri.endswith(".db") and "://" not in self.milvus_uri and self.ingress_replicas != 1:
+            raise ValueError(
+                f"ingress_replicas: a Milvus Lite .db is opened by one process, so expected 1 with "
+                f"milvus_uri={self.milvus_uri!r}, got {self.ingress_replicas}; run `milvus-lite server` "
+                "or a Milvus server and pass its URI to scale out"
+            )
+        return self

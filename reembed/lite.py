@@ -33,15 +33,17 @@ def _free_port() -> int:
 class LiteServer:
     """Context manager: `with LiteServer("./data/x.db") as uri:` gives http://127.0.0.1:PORT."""
 
-    def __init__(self, db_path: str, start_timeout: float = 60.0) -> None:
+    def __init__(self, db_path: str, start_timeout: float = 60.0, port: int | None = None) -> None:
         self.db_path = Path(db_path).expanduser().resolve()
         self.start_timeout = start_timeout
+        self.port = port
         self.process: subprocess.Popen | None = None
         self.uri = ""
 
     def __enter__(self) -> str:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+        port = self.port or _free_port()
+        self.port = port  # a restart reuses it, so clients reconnect to the same URI
         exe = shutil.which("milvus-lite") or str(Path(sys.executable).with_name("milvus-lite"))
         if not Path(exe).exists():
             raise ConfigError("milvus_uri: a .db URI needs the milvus-lite package (pip install milvus-lite)")

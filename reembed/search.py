@@ -28,34 +28,44 @@ class Hit:
     fields: dict[str, Any]
 
 
-class QueryEncoder:
-    """Embeds queries into a collection's vector space: same model, same int8 codes as the job."""
+def model_key(model: dict[str, Any]) -> str:
+    """What identifies a query model's vector space: name, weights hash and dimension."""
+    return f"{model['name']}@{model['weights_sha256'][:16]}/{model['dimension']}"
 
-    def __init__(
-        self,
-        identity: CollectionIdentity,
-        device: str = "auto",
-        source: ModelSource | None = None,
-        batch_size: int = 64,
-    ) -> None:
-        source = source or resolve_model(identity.model["name"])
-        sha = weights_sha256(source.path)
-        if sha != identity.model["weights_sha256"]:
-            raise ModelMismatchError(
-                f"model {identity.model['name']!r} found at {source.path} has weights {sha[:12]}..., "
-                f"the collection was built with {identity.model['weights_sha256'][:12]}..."
-            )
+
+def load_query_model(
+    model: dict[str, Any],
+    device: str = "auto",
+    source: ModelSource | None = None,
+    batch_size: int = 64,
+    threads: int | None = 1,
+) -> Embedder:
+    """Load the model a collection names and prove it is the same one: weights hash and dimension.
+
+    `model` is the `model` part of a collection's identity. Raises ModelMismatchError otherwise.
+    """
+    source = source or resolve_model(model["name"])
+    sha = weights_sha256(source.path)
+    if sha != model["weights_sha256"]:
+        raise ModelMismatchError(
+            f"model {model['name']!r} found at {source.path} has weights {sha[:12]}..., "
+            f"the collection was built with {model['weights_sha256'][:12]}..."
+        )
+    embedder = Embedder(source, device=device, batch_size=batch_size, threads=threads)
+    if embedder.dimension != model["dimension"]:
+        raise ModelMismatchError(f"model dimension {embedder.dimension} != collection dimension {model['dimension']}")
+    return embedder
+
+
+class QueryCodec:
+    """Turns float query embeddings into the collection's search vectors and scores back to cosines."""
+
+    def __init__(self, identity: CollectionIdentity) -> None:
         self.identity = identity
-        self.embedder = Embedder(source, device=device, batch_size=batch_size)
-        if self.embedder.dimension != identity.model["dimension"]:
-            raise ModelMismatchError(
-                f"model dimension {self.embedder.dimension} != collection dimension {identity.model['dimension']}"
-            )
         self.calibration = Int8Calibration.from_json(identity.calibration) if identity.calibration else None
 
-    def encode(self, queries: list[str]) -> np.ndarray:
-        """Query vectors ready for search: int8 codes (as int8) or unit float32, shape (n, d)."""
-        floats = self.embedder.encode_queries(queries)
+    def to_search_vectors(self, floats: np.ndarray) -> np.ndarray:
+        """int8 codes (as int8) or the unit float32 vectors, shape (n, d)."""
         if self.identity.precision == "int8" and self.calibration is not None:
             return self.calibration.quantize(floats)
         return floats
@@ -66,6 +76,29 @@ class QueryEncoder:
         if self.identity.precision == "int8" and cal is not None and cal.scheme == "global":
             return float(score) * (cal.scale[0] / INT8_MAX) ** 2
         return float(score)
+
+
+class QueryEncoder:
+    """Embeds queries into a collection's vector space: same model, same int8 codes as the job."""
+
+    def __init__(
+        self,
+        identity: CollectionIdentity,
+        device: str = "auto",
+        source: ModelSource | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.identity = identity
+        self.embedder = load_query_model(identity.model, device, source, batch_size)
+        self.codec = QueryCodec(identity)
+        self.calibration = self.codec.calibration
+
+    def encode(self, queries: list[str]) -> np.ndarray:
+        """Query vectors ready for search: int8 codes (as int8) or unit float32, shape (n, d)."""
+        return self.codec.to_search_vectors(self.embedder.encode_queries(queries))
+
+    def score_to_cosine(self, score: float) -> float:
+        return self.codec.score_to_cosine(score)
 
 
 def search_collection(

@@ -115,6 +115,19 @@ class CollectionIdentity:
         return diffs
 
 
+_SCALAR_KINDS = {
+    "VARCHAR": "string",
+    **{t: "number" for t in ("INT8", "INT16", "INT32", "INT64", "FLOAT", "DOUBLE")},
+}
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    identity: CollectionIdentity | None
+    scalar_fields: dict[str, str]
+
+
 def is_valid_milvus_name(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name))
 
@@ -189,6 +202,21 @@ class MilvusStore:
         desc = self._call("describe_collection", self.client.describe_collection, name)
         raw = (desc.get("properties") or {}).get(IDENTITY_PROPERTY)
         return CollectionIdentity.from_json(raw) if raw else None
+
+    def describe(self, name: str) -> CollectionInfo:
+        """Collection or alias `name`: the collection behind it, its identity and scalar fields."""
+        desc = self._call("describe_collection", self.client.describe_collection, name)
+        raw = (desc.get("properties") or {}).get(IDENTITY_PROPERTY)
+        scalars = {}
+        for f in desc.get("fields", []):
+            kind = _SCALAR_KINDS.get(getattr(f.get("type"), "name", str(f.get("type"))))
+            if kind:
+                scalars[f["name"]] = kind
+        return CollectionInfo(
+            name=desc.get("collection_name", name),
+            identity=CollectionIdentity.from_json(raw) if raw else None,
+            scalar_fields=scalars,
+        )
 
     def check_identity(self, name: str, wanted: CollectionIdentity) -> CollectionIdentity:
         """Refuse to touch collection `name` if it was built with another identity."""

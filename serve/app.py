@@ -1,0 +1,242 @@
+"""Ray Serve app: `serve run serve.app:build_app milvus_uri=URI collection=NAME`.
+
+HTTP -> SearchIngress (FastAPI; validation, cache, Milvus search, timings) -> QueryEmbedder
+(autoscaled, `@serve.batch`, one GPU per replica where the cluster has GPUs) -> back. Both are
+thin adapters: the logic is in serve/service.py and reembed/. `build_app` takes a typed config, so
+`serve run`, `serve deploy serve/config.yaml` and Python all validate the same arguments.
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures' types at
+runtime through Serve's wrapper, and string annotations would turn `Request` into a query field.
+"""
+
+import asyncio
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from reembed.config import ServiceConfig
+from reembed.embedder import Embedder, pick_device
+from reembed.lite import is_lite_uri
+from reembed.search import load_query_model, model_key
+from serve.models import SearchRequest
+from serve.service import RequestError, SearchService
+
+logger = logging.getLogger(__name__)
+
+# Models kept loaded per embedder replica: the current one and, during a migration, the next.
+MODELS_PER_REPLICA = 2
+
+
+@serve.deployment(max_ongoing_requests=256)
+class QueryEmbedder:
+    """Float query embeddings, batched across concurrent requests; loads the model a collection names."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = ServiceConfig(**config)
+        self.device = pick_device(self.cfg.device)
+        self.threads = max(1, int(self.cfg.embedder_num_cpus))
+        self._models: OrderedDict[str, Embedder] = OrderedDict()
+        self._load_lock = asyncio.Lock()
+        self._embed_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.metrics = None
+        try:
+            from serve.metrics import EmbedderMetrics
+
+            self.metrics = EmbedderMetrics()
+        except Exception:  # outside Ray (unit tests) there is nowhere to report to
+            logger.debug("no Ray metrics", exc_info=True)
+
+    async def _model(self, model: dict[str, Any]) -> Embedder:
+        key = model_key(model)
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        async with self._load_lock:
+            if key not in self._models:
+                embedder = await asyncio.to_thread(
+                    load_query_model, model, self.device, None, self.cfg.max_batch_size, self.threads
+                )
+                self._models[key] = embedder
+                while len(self._models) > MODELS_PER_REPLICA:
+                    self._models.popitem(last=False)
+                logger.info("loaded %s on %s", key, self.device)
+        return self._models[key]
+
+    async def check(self, model: dict[str, Any]) -> dict[str, Any]:
+        """Load (or find) the model and prove it matches the collection's; raises ModelMismatchError."""
+        embedder = await self._model(model)
+        return {"model": model_key(model), "device": embedder.device, "dimension": embedder.dimension}
+
+    async def embed(self, model: dict[str, Any], text: str) -> np.ndarray:
+        return await self._embed_batch(model, text)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _embed_batch(self, models: list[dict[str, Any]], texts: list[str]) -> list[np.ndarray]:
+        return await self.embed_many(models, texts)
+
+    async def embed_many(self, models: list[dict[str, Any]], texts: list[str]) -> list[np.ndarray]:
+        """One batch: texts grouped by model (two during a migration), each group one model call."""
+        out: list[np.ndarray | None] = [None] * len(texts)
+        groups: dict[str, list[int]] = {}
+        for i, m in enumerate(models):
+            groups.setdefault(model_key(m), []).append(i)
+        for idx in groups.values():
+            embedder = await self._model(models[idx[0]])
+            t0 = time.perf_counter()
+            # In a thread, so requests keep queueing (and form the next batch) while the model runs.
+            vectors = await asyncio.to_thread(embedder.encode_queries, [texts[i] for i in idx])
+            if self.metrics:
+                self.metrics.batch(len(idx), (time.perf_counter() - t0) * 1e3)
+            for i, vec in zip(idx, vectors, strict=True):
+                out[i] = vec
+        return out  # type: ignore[return-value]
+
+
+api = FastAPI(title="reembed search", version="1")
+
+
+def _field_of(loc: tuple[Any, ...]) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("str", "int", "float", "list[...]", "FilterClause") or "[" in str(p):
+            continue  # union branch names that pydantic puts in the location
+        else:
+            out += f".{p}" if out else str(p)
+    return out or None
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0]
+    field = _field_of(tuple(err.get("loc", ())))
+    msg = err.get("msg", "invalid request")
+    if err.get("type") == "json_invalid":
+        field, msg = None, f"body is not valid JSON: {err.get('ctx', {}).get('error', msg)}"
+    elif err.get("type") == "missing" and field is None:
+        msg = "expected a JSON object body"
+    elif err.get("type") == "value_error" and field is None:
+        field, msg = "query", msg.removeprefix("Value error, ")
+    message = f"{field}: {msg}" if field else msg
+    return JSONResponse(
+        status_code=400, content={"error": {"code": "invalid_request", "message": message, "field": field}}
+    )
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class SearchIngress:
+    def __init__(self, config: dict[str, Any], embedder: DeploymentHandle) -> None:
+        self.cfg = ServiceConfig(**config)
+        self.embedder = embedder
+        metrics = None
+        try:
+            from serve.metrics import ServiceMetrics
+
+            metrics = ServiceMetrics()
+        except Exception:
+            logger.debug("no Ray metrics", exc_info=True)
+        self.service = SearchService(self.cfg, self._embed, self._check_model, metrics)
+
+    async def _embed(self, model: dict[str, Any], texts: list[str]) -> list[np.ndarray]:
+        # One call per query: the embedder's @serve.batch merges them with other requests' queries.
+        return list(await asyncio.gather(*[self.embedder.embed.remote(model, t) for t in texts]))
+
+    async def _check_model(self, model: dict[str, Any]) -> dict[str, Any]:
+        return await self.embedder.check.remote(model)
+
+    def _authorize(self, request: Request) -> None:
+        if not self.cfg.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.cfg.api_key.encode()):
+            raise RequestError(401, "unauthorized", "Authorization: expected `Bearer <api key>`", "Authorization")
+
+    @api.post("/search")
+    async def search(self, body: SearchRequest, request: Request) -> JSONResponse:
+        status = 200
+        try:
+            self._authorize(request)
+            response = await self.service.search(body)
+            return JSONResponse(response.model_dump())
+        except RequestError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            logger.exception("search failed")
+            raise RequestError(500, "internal", "internal error; see the service log") from None
+        finally:
+            self.service.metrics.request("/search", status)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "alive"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            return JSONResponse(await self.service.ready())
+        except RequestError as exc:
+            return JSONResponse(status_code=503, content={"status": "not ready", **exc.body()})
+
+    @api.get("/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return self.service.stats()
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: alive is enough; readiness (Milvus, model) is /readyz."""
+
+
+def _embedder_gpus(cfg: ServiceConfig) -> float:
+    if cfg.embedder_num_gpus is not None:
+        return cfg.embedder_num_gpus
+    if cfg.device == "cpu":
+        return 0.0
+    if cfg.device == "cuda":
+        return 1.0
+    import ray
+
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def build_app(args: ServiceConfig) -> Application:
+    """The typed app builder: `serve run serve.app:build_app milvus_uri=... collection=...`."""
+    cfg = args if isinstance(args, ServiceConfig) else ServiceConfig(**args)
+    config = cfg.model_dump()
+    if is_lite_uri(cfg.milvus_uri):
+        # Replicas do not share the caller's working directory: pin a relative .db path here.
+        config["milvus_uri"] = str(Path(cfg.milvus_uri).expanduser().resolve())
+    gpus = _embedder_gpus(cfg)
+    embedder = QueryEmbedder.options(
+        autoscaling_config={
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        },
+        ray_actor_options={"num_cpus": 1.0 if gpus else cfg.embedder_num_cpus, "num_gpus": gpus},
+    ).bind(config)
+    return SearchIngress.options(
+        num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_num_cpus}
+    ).bind(config, embedder)

@@ -1,0 +1,315 @@
+"""The search service's logic, free of Ray: validate a request, embed (cached), search, time it.
+
+`serve/app.py` wraps this in a FastAPI ingress deployment and hands it an `embed` coroutine that
+calls the batched query-embedding deployment; unit tests hand it a local one. Milvus is reached
+through `reembed.store.MilvusStore` on a thread pool (pymilvus is synchronous), with one thread
+for an in-process Milvus Lite .db. The collection (or alias) is re-described every
+`identity_refresh_s`, so an alias switch to a collection with another model is followed without
+a restart, and a Milvus that went away is reconnected on the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reembed.cache import EmbeddingCache, normalize_query
+from reembed.config import ServiceConfig
+from reembed.errors import ModelMismatchError, ReembedError, StoreUnavailableError
+from reembed.filters import Clause, FilterError, compile_filter
+from reembed.lite import is_lite_uri
+from reembed.search import QueryCodec, model_key, search_collection
+from reembed.store import F_ID, F_VECTOR, MilvusStore
+from serve.models import SearchHit, SearchRequest, SearchResponse, Timing
+
+logger = logging.getLogger(__name__)
+
+EmbedFn = Callable[[dict[str, Any], list[str]], Awaitable[list[np.ndarray]]]
+CheckFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+MILVUS_SERVER_THREADS = 16
+
+
+class RequestError(Exception):
+    """Ends a request with an HTTP status and a JSON error body naming the field at fault."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+def bad_request(field: str, message: str) -> RequestError:
+    return RequestError(400, "invalid_request", f"{field}: {message}", field)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What `collection` (a name or an alias) points at right now."""
+
+    collection: str
+    model: dict[str, Any]
+    model_key: str
+    codec: QueryCodec
+    vector_type: str
+    partitions: frozenset[str]
+    scalar_fields: dict[str, str]
+    resolved_at: float
+
+
+class NoMetrics:
+    """The metrics interface with nothing behind it (unit tests, no Ray)."""
+
+    def request(self, route: str, status: int) -> None: ...
+    def latency(self, embed_ms: float, search_ms: float, total_ms: float) -> None: ...
+    def cache(self, hits: int, misses: int, ratio: float) -> None: ...
+
+
+class SearchService:
+    def __init__(self, cfg: ServiceConfig, embed: EmbedFn, check_model: CheckFn, metrics: Any = None) -> None:
+        self.cfg = cfg
+        self.uri = str(Path(cfg.milvus_uri).expanduser().resolve()) if is_lite_uri(cfg.milvus_uri) else cfg.milvus_uri
+        self._embed = embed
+        self._check_model = check_model
+        self.metrics = metrics or NoMetrics()
+        self.cache = EmbeddingCache(cfg.cache_size)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1 if is_lite_uri(cfg.milvus_uri) else MILVUS_SERVER_THREADS, thread_name_prefix="milvus"
+        )
+        self._store: MilvusStore | None = None
+        self._target: Target | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._checked_models: set[str] = set()
+
+    # --- Milvus, off the event loop ------------------------------------------------------------
+
+    async def _milvus(self, fn: Callable[[MilvusStore], Any]) -> Any:
+        """Run fn(store) on the Milvus thread pool; a failure to reach Milvus drops the connection
+        so that the next call reconnects (the service recovers when Milvus is back)."""
+
+        def call() -> Any:
+            if self._store is None:
+                self._store = MilvusStore(self.uri, self.cfg.milvus_token, timeout=self.cfg.search_timeout_s, retries=0)
+            return fn(self._store)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except StoreUnavailableError:
+            self._drop_store()
+            raise
+
+    def _drop_store(self) -> None:
+        store, self._store = self._store, None
+        self._target = None
+        if store is not None:
+            self._executor.submit(store.close)
+
+    def _resolve(self, store: MilvusStore) -> Target:
+        if not store.has_collection(self.cfg.collection):
+            raise RequestError(
+                503, "collection_not_found", f"collection or alias {self.cfg.collection!r} does not exist"
+            )
+        info = store.describe(self.cfg.collection)
+        if info.identity is None:
+            raise RequestError(
+                503,
+                "not_a_reembed_collection",
+                f"collection {info.name!r} has no reembed identity: was it made by the job?",
+            )
+        store.load(info.name)
+        return Target(
+            collection=info.name,
+            model=info.identity.model,
+            model_key=model_key(info.identity.model),
+            codec=QueryCodec(info.identity),
+            vector_type=info.identity.vector_type,
+            partitions=frozenset(store.list_partitions(info.name)),
+            scalar_fields={k: v for k, v in info.scalar_fields.items() if k != F_VECTOR},
+            resolved_at=time.monotonic(),
+        )
+
+    async def target(self, force: bool = False) -> Target:
+        current = self._target
+        if current and not force and time.monotonic() - current.resolved_at < self.cfg.identity_refresh_s:
+            return current
+        async with self._refresh_lock:
+            current = self._target
+            if current and not force and time.monotonic() - current.resolved_at < self.cfg.identity_refresh_s:
+                return current
+            new = await self._milvus(self._resolve)
+            if current and current.collection != new.collection:
+                logger.info("%r now points at %r (model %s)", self.cfg.collection, new.collection, new.model_key)
+            if new.model_key not in self._checked_models:
+                await self._check(new)
+            self._target = new
+            return new
+
+    async def _check(self, target: Target) -> dict[str, Any]:
+        try:
+            info = await self._check_model(target.model)
+        except ReembedError as exc:
+            raise RequestError(
+                503, "model_mismatch" if isinstance(exc, ModelMismatchError) else "model_unavailable", str(exc)
+            ) from exc
+        self._checked_models.add(target.model_key)
+        return info
+
+    # --- endpoints -----------------------------------------------------------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        """Milvus reachable, collection loaded, model loaded and matching. Raises RequestError(503)."""
+        try:
+            target = await self.target(force=True)
+            model = await self._check(target)
+        except StoreUnavailableError as exc:
+            raise RequestError(503, "milvus_unavailable", str(exc)) from exc
+        return {"status": "ready", "collection": target.collection, "alias": self.cfg.collection, "model": model}
+
+    def stats(self) -> dict[str, Any]:
+        s = self.cache.stats()
+        target = self._target
+        return {
+            "cache": {
+                "hits": s.hits,
+                "misses": s.misses,
+                "size": s.size,
+                "capacity": s.capacity,
+                "hit_ratio": s.hit_ratio,
+            },
+            "collection": target.collection if target else None,
+            "model": target.model_key if target else None,
+        }
+
+    def validate(
+        self, req: SearchRequest, target: Target
+    ) -> tuple[list[str], int, int, str, list[str] | None, list[str]]:
+        cfg = self.cfg
+        texts = req.texts()
+        form = "query" if req.query is not None else "queries"
+        if not texts:
+            raise bad_request("queries", "expected at least one query, got an empty list")
+        if len(texts) > cfg.max_batch_queries:
+            raise bad_request("queries", f"expected at most {cfg.max_batch_queries} queries, got {len(texts)}")
+        normalized = []
+        for i, text in enumerate(texts):
+            where = form if form == "query" else f"queries[{i}]"
+            clean = normalize_query(text)
+            if not clean:
+                raise bad_request(
+                    where, "expected a non-empty query, got only whitespace" if text else "expected a non-empty query"
+                )
+            if len(text) > cfg.max_query_chars:
+                raise bad_request(where, f"expected at most {cfg.max_query_chars} characters, got {len(text)}")
+            normalized.append(clean)
+        k = cfg.default_k if req.k is None else req.k
+        if not 1 <= k <= cfg.max_k:
+            raise bad_request("k", f"expected 1..{cfg.max_k}, got {k}")
+        ef = cfg.default_ef if req.ef is None else req.ef
+        if not 1 <= ef <= cfg.max_ef:
+            raise bad_request("ef", f"expected 1..{cfg.max_ef}, got {ef}")
+        partitions = None
+        if req.partitions is not None:
+            if not req.partitions:
+                raise bad_request("partitions", "expected at least one partition name, got an empty list")
+            for i, name in enumerate(req.partitions):
+                if name not in target.partitions:
+                    raise bad_request(
+                        f"partitions[{i}]", f"unknown partition {name!r} in collection {target.collection!r}"
+                    )
+            partitions = list(dict.fromkeys(req.partitions))
+        try:
+            expr = compile_filter([Clause(c.field, c.op, c.value) for c in req.clauses()], target.scalar_fields)
+        except FilterError as exc:
+            raise bad_request(exc.field, str(exc).split(": ", 1)[1]) from exc
+        fields = list(self.cfg.output_fields if req.fields is None else req.fields)
+        for i, name in enumerate(fields):
+            if name not in target.scalar_fields:
+                raise bad_request(
+                    f"fields[{i}]", f"unknown field {name!r}; stored fields: {sorted(target.scalar_fields)}"
+                )
+        return normalized, k, ef, expr, partitions, [f for f in fields if f != F_ID]
+
+    async def _vectors(self, target: Target, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Float query embeddings from the cache or the embedder; returns (vectors, cache hits)."""
+        found: dict[int, np.ndarray] = {}
+        missing: list[int] = []
+        for i, text in enumerate(texts):
+            vec = self.cache.get(target.model_key, text)
+            if vec is None:
+                missing.append(i)
+            else:
+                found[i] = vec
+        if missing:
+            new = await self._embed(target.model, [texts[i] for i in missing])
+            for i, vec in zip(missing, new, strict=True):
+                self.cache.put(target.model_key, texts[i], vec)
+                found[i] = vec
+        s = self.cache.stats()
+        self.metrics.cache(len(texts) - len(missing), len(missing), s.hit_ratio)
+        return np.stack([found[i] for i in range(len(texts))]).astype(np.float32), len(texts) - len(missing)
+
+    async def search(self, req: SearchRequest) -> SearchResponse:
+        t0 = time.perf_counter()
+        try:
+            target = await self.target()
+        except StoreUnavailableError as exc:
+            raise RequestError(503, "milvus_unavailable", str(exc)) from exc
+        texts, k, ef, expr, partitions, fields = self.validate(req, target)
+        t_embed = time.perf_counter()
+        floats, hits = await self._vectors(target, texts)
+        vectors = target.codec.to_search_vectors(floats)
+        t_search = time.perf_counter()
+
+        def run(store: MilvusStore):
+            try:
+                return search_collection(
+                    store, target.collection, vectors, target.vector_type, k, ef, partitions, expr, tuple(fields)
+                )
+            except ReembedError as exc:
+                if "not loaded" not in str(exc):
+                    raise
+                store._loaded.discard(target.collection)  # e.g. after a Milvus restart: load again
+                store.load(target.collection)
+                return search_collection(
+                    store, target.collection, vectors, target.vector_type, k, ef, partitions, expr, tuple(fields)
+                )
+
+        try:
+            rows = await self._milvus(run)
+        except StoreUnavailableError as exc:
+            raise RequestError(503, "milvus_unavailable", str(exc)) from exc
+        except ReembedError as exc:
+            if exc.is_input_error:
+                raise RequestError(400, "invalid_request", str(exc)) from exc
+            raise
+        t_end = time.perf_counter()
+        results = [
+            [SearchHit(id=h.id, score=target.codec.score_to_cosine(h.score), fields=h.fields) for h in row]
+            for row in rows
+        ]
+        timing = Timing(embed=(t_search - t_embed) * 1e3, search=(t_end - t_search) * 1e3, total=(t_end - t0) * 1e3)
+        self.metrics.latency(timing.embed, timing.search, timing.total)
+        return SearchResponse(
+            results=results[0] if req.query is not None else results,
+            model=target.model["name"],
+            collection=target.collection,
+            k=k,
+            cache_hits=hits,
+            timing_ms=timing,
+        )
+
+    def close(self) -> None:
+        self._drop_store()
+        self._executor.shutdown(wait=False)
