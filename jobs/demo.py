@@ -4,8 +4,8 @@ The first thing a new user runs (`make demo`), so it needs nothing from the netw
 --input the corpus is the docstrings of the installed standard library and site-packages, read
 with `ast` (nothing is imported, so no module's import-time side effects run). The corpus goes
 through the same path as any other input: `jobs.backfill.run` (Ray Data -> embed + int8 ->
-Milvus), then `reembed.search.Searcher` embeds the queries the way the collection says and
-searches it. Results go to stdout for a person, the last line is one JSON summary for a script.
+Milvus), then the search service (serve/app.py, Ray Serve) starts on the same Ray and the demo
+queries it over HTTP. Results go to stdout for a person, the last line is one JSON summary.
 
 Arguments after `--` go to the backfill unchanged (`python -m jobs.demo -- --actors 1`).
 """
@@ -24,6 +24,8 @@ import statistics
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -313,50 +315,93 @@ def _median(values: Sequence[float]) -> float:
     return round(statistics.median(values), 2)
 
 
-def run_searches(
-    uri: str, collection: str, queries: Sequence[str], k: int, repeats: int, device: str
-) -> list[dict[str, Any]]:
-    """Search each query, print its hits, and time `repeats` more runs of it after the first.
+def _post_json(url: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[int, dict[str, Any], float]:
+    """POST JSON over real HTTP; returns (status, body, client-side milliseconds)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, payload = response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, json.loads(exc.read() or b"{}")
+    return status, payload, (time.perf_counter() - t) * 1e3
 
-    The first call of a query is reported apart: it pays for tokenizer and kernel warm-up, which
-    a running service pays once.
-    """
-    from reembed.search import Searcher
-    from reembed.store import F_TEXT as STORE_TEXT
-    from reembed.store import MilvusStore
+
+def _wait_ready(base: str, timeout: float = 180.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            last = exc.read().decode(errors="replace")
+        except OSError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise RuntimeError(f"search service not ready after {timeout:.0f}s: {last}")
+
+
+def start_service(uri: str, collection: str, device: str, port: int) -> str:
+    """Start the search service (serve/app.py) on this Ray and wait until /readyz says ready."""
+    from ray import serve
+
+    from reembed.config import ServiceConfig
+    from serve.app import build_app
 
     t = time.perf_counter()
-    store = MilvusStore(uri)
-    try:
-        searcher = Searcher(store, collection, device=device)
-        logger.info("searcher ready in %.2fs", time.perf_counter() - t)
-        results = []
-        for query in queries:
-            (hits,), first = searcher.search([query], k=k)
-            timings = [searcher.search([query], k=k)[1] for _ in range(repeats)]
-            p50 = {key: _median([tm[key] for tm in timings]) for key in first} if timings else {}
-            print(f'\nquery: "{query}"')
-            for rank, hit in enumerate(hits, 1):
-                snippet = " ".join(str(hit.fields.get(STORE_TEXT, "")).split())[:80]
-                print(f"  {rank}. {hit.score:6.3f}  {hit.id:<45}  {snippet}")
-            split = p50 or first
-            print(
-                f"  time: embed {split['embed']:.1f} ms + search {split['search']:.1f} ms = "
-                f"{split['total']:.1f} ms ({'p50 of ' + str(repeats) if p50 else 'one run'}; "
-                f"first call {first['total']:.1f} ms)"
-            )
-            results.append(
-                {
-                    "query": query,
-                    "top_id": hits[0].id if hits else None,
-                    "top_score": round(hits[0].score, 4) if hits else None,
-                    "first_ms": {key: round(v, 2) for key, v in first.items()},
-                    "p50_ms": p50,
-                }
-            )
-        return results
-    finally:
-        store.close()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServiceConfig(milvus_uri=uri, collection=collection, device=device, min_replicas=1, max_replicas=1)
+    serve.run(build_app(cfg), name="reembed", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    ready = _wait_ready(base)
+    logger.info("search service ready on %s in %.1fs: %s", base, time.perf_counter() - t, ready)
+    return base
+
+
+def run_searches(base: str, queries: Sequence[str], k: int, repeats: int) -> list[dict[str, Any]]:
+    """POST each query to the service over HTTP and print its hits and timings.
+
+    The first call of a query embeds it (a cache miss); the `repeats` calls after it are answered
+    from the service's query-embedding cache, and are reported apart.
+    """
+    results = []
+    for query in queries:
+        status, first, first_client = _post_json(base + "/search", {"query": query, "k": k})
+        if status != 200:
+            raise RuntimeError(f"search for {query!r} failed with HTTP {status}: {first}")
+        again = [_post_json(base + "/search", {"query": query, "k": k}) for _ in range(repeats)]
+        hits = first["results"]
+        print(f'\nquery: "{query}"')
+        for rank, hit in enumerate(hits, 1):
+            snippet = " ".join(str(hit["fields"].get("text", "")).split())[:80]
+            print(f"  {rank}. {hit['score']:6.3f}  {hit['id']:<45}  {snippet}")
+        t = first["timing_ms"]
+        line = (
+            f"  time: embed {t['embed']:.1f} ms + search {t['search']:.1f} ms = {t['total']:.1f} ms in the service, "
+            f"{first_client:.1f} ms over HTTP"
+        )
+        cached = {}
+        if again:
+            cached = {
+                "service_total": _median([r[1]["timing_ms"]["total"] for r in again]),
+                "http": _median([r[2] for r in again]),
+                "cache_hits": sum(r[1].get("cache_hits", 0) for r in again),
+            }
+            line += f"; repeated (cache): {cached['service_total']:.1f} ms in the service, {cached['http']:.1f} ms HTTP"
+        print(line)
+        results.append(
+            {
+                "query": query,
+                "top_id": hits[0]["id"] if hits else None,
+                "top_score": round(hits[0]["score"], 4) if hits else None,
+                "first_ms": {**{key: round(v, 2) for key, v in t.items()}, "http": round(first_client, 2)},
+                "cached_p50_ms": cached,
+            }
+        )
+    return results
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -385,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--query", action="append", help="a query to run (repeatable; default: a few stdlib questions)")
     p.add_argument("--k", type=_count(1), default=5, help="hits per query")
-    p.add_argument("--repeats", type=_count(0), default=5, help="timed runs per query after the first")
+    p.add_argument("--repeats", type=_count(0), default=5, help="repeats of each query (answered from the cache)")
+    p.add_argument("--port", type=_count(1), default=8000, help="HTTP port of the search service")
+    p.add_argument("--keep-serving", action="store_true", help="keep the service up after the demo queries")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument(
         "--calibration-sample",
@@ -395,6 +442,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", help="where run manifests go (backfill's default: ./data/runs)")
     return p
+
+
+def _init_ray() -> bool:
+    """A local Ray shared by the backfill and the service (the backfill reuses a running one)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+    return True
+
+
+def _stop_ray() -> None:
+    import ray
+    from ray import serve
+
+    with contextlib.suppress(Exception):
+        serve.shutdown()
+    ray.shutdown()
 
 
 def split_backfill_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -435,11 +501,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(backfill_flags(args, input_path, partition_by) + passthrough)
         if not args.keep_collection:
             drop_collection(cfg.milvus_uri, cfg.collection)
-        summary = run(cfg)
-        print("backfill: " + json.dumps(summary), flush=True)
-        searches = run_searches(
-            cfg.milvus_uri, cfg.collection, args.query or list(DEFAULT_QUERIES), args.k, args.repeats, cfg.device
-        )
+        started_ray = _init_ray()
+        try:
+            summary = run(cfg)
+            print("backfill: " + json.dumps(summary), flush=True)
+            base = start_service(cfg.milvus_uri, cfg.collection, cfg.device, args.port)
+            searches = run_searches(base, args.query or list(DEFAULT_QUERIES), args.k, args.repeats)
+            print(
+                f"\nsearch service: curl -s {base}/search -H 'Content-Type: application/json' "
+                '-d \'{"query": "read a CSV file", "k": 3}\'',
+                flush=True,
+            )
+            if args.keep_serving:
+                print("serving until Ctrl-C", flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        time.sleep(3600)
+        finally:
+            if started_ray:
+                _stop_ray()
     except ReembedError as exc:
         logger.error("%s", exc)
         print(json.dumps({"error": str(exc), "retriable": exc.retriable}), flush=True)
@@ -448,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": corpus,
         "backfill": {key: summary.get(key) for key in SUMMARY_KEYS},
         "partitions": len(summary.get("partitions", {})),
-        "queries": [{key: s[key] for key in ("query", "top_id", "top_score", "first_ms", "p50_ms")} for s in searches],
+        "service": base,
+        "queries": searches,
         "total_seconds": round(time.monotonic() - started, 3),
     }
     print(json.dumps(final), flush=True)
