@@ -25,7 +25,7 @@ from typing import Any
 from reembed.config import BackfillConfig, load_settings
 from reembed.documents import DocumentSpec, hash_partition_name
 from reembed.embedder import describe_model
-from reembed.errors import ReembedError
+from reembed.errors import ConfigError, ReembedError
 from reembed.inputs import inspect_input
 from reembed.lite import LiteServer, is_lite_uri
 from reembed.quantize import fit_int8
@@ -133,11 +133,23 @@ def run(cfg: BackfillConfig) -> dict[str, Any]:
     return summary
 
 
+def refuse_lite_on_cluster(milvus_uri: str, nodes: int) -> None:
+    """The job's Lite server listens on this machine's loopback: actors on other nodes cannot reach it."""
+    if is_lite_uri(milvus_uri) and nodes > 1:
+        raise ConfigError(
+            f"milvus_uri: the Milvus Lite file {milvus_uri!r} is served from this machine only, but the Ray "
+            f"cluster has {nodes} nodes whose actors must write to it; use a Milvus server URI "
+            "(http://host:19530) on a cluster"
+        )
+
+
 def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) -> dict[str, Any]:
     from jobs import pipeline
 
+    shape = pipeline.cluster_shape()
+    refuse_lite_on_cluster(cfg.milvus_uri, shape[2])
     compute = pipeline.plan_compute(
-        cfg.actors, cfg.device, cfg.batch_size, cfg.writers, cfg.write_batch_rows, cfg.threads_per_actor
+        cfg.actors, cfg.device, cfg.batch_size, cfg.writers, cfg.write_batch_rows, cfg.threads_per_actor, shape
     )
     logger.info("compute: %d %s actor(s), %d writer(s)", compute.actors, compute.device, compute.writers)
     duplicates = pipeline.count_duplicate_ids(pipeline.read_documents(plan, spec), plan.total_bytes)

@@ -86,6 +86,7 @@ def service(tmp_path_factory, cranfield, ray_local, lite):
     good = store.read_identity("docs")
     bad_model = {**model.to_dict(), "weights_sha256": "0" * 64}
     store.create_collection("bad_model", replace(good, model=bad_model), 1024)
+    store.client.create_alias("docs", "docs_live")  # the secured app searches through an alias
     store.close()
 
     port = _free_port()
@@ -101,7 +102,7 @@ def service(tmp_path_factory, cranfield, ray_local, lite):
     }
     serve.run(build_app(ServiceConfig(collection="docs", **common)), name="main", route_prefix="/", blocking=False)
     serve.run(
-        build_app(ServiceConfig(collection="docs", api_key=API_KEY, **common)),
+        build_app(ServiceConfig(collection="docs_live", api_key=API_KEY, **common)),
         name="secure",
         route_prefix="/secure",
         blocking=False,
@@ -228,6 +229,7 @@ def test_api_key(service):
     assert error_of(wrong, 401)["field"] == "Authorization"
     ok = post(service, body, path="/secure/search", headers={"Authorization": f"Bearer {API_KEY}"})
     assert ok.status_code == 200 and ok.json()["results"][0]["id"] == "3"
+    assert ok.json()["collection"] == "docs"  # searched through the alias docs_live
     assert requests.get(service["base"] + "/secure/healthz", timeout=10).status_code == 200
 
 
@@ -263,3 +265,25 @@ def test_milvus_down_gives_503_and_the_service_recovers(service):
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["id"] == "3"
     assert _wait_ready(service["base"] + "/readyz", 30).status_code == 200
+
+
+def test_metrics_reach_prometheus(service, ray_local):
+    """Ray exports the service's metrics on each node's Prometheus endpoint (what the dashboard reads)."""
+    port = ray_local.nodes()[0]["MetricsExportPort"]
+    post(service, {"query": QUERY})
+    wanted = (
+        "reembed_requests",
+        "reembed_embed_ms",
+        "reembed_search_ms",
+        "reembed_cache_hit_ratio",
+        "reembed_embed_batch_size",
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = [name for name in wanted if name not in text]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, f"not exported: {missing}"
+    assert 'status="400"' in text and 'status="200"' in text

@@ -23,3 +23,15 @@ def test_one_actor_per_gpu_where_there_are_gpus():
     assert (plan.actors, plan.gpus_per_actor, plan.device) == (4, 1.0, "cuda")
     cpu_only = plan_compute(None, "cpu", 64, 2, 512, None, shape=(32.0, 4, 2))
     assert cpu_only.device == "cpu" and cpu_only.gpus_per_actor == 0.0
+
+
+def test_milvus_lite_is_refused_on_a_multi_node_cluster():
+    import pytest
+
+    from jobs.backfill import refuse_lite_on_cluster
+    from reembed.errors import ConfigError
+
+    refuse_lite_on_cluster("./data/reembed.db", 1)
+    refuse_lite_on_cluster("http://milvus:19530", 4)
+    with pytest.raises(ConfigError, match="milvus_uri: .* 3 nodes"):
+        refuse_lite_on_cluster("./data/reembed.db", 3)
