@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from reembed import bulk
 from reembed.config import BackfillConfig, load_settings
 from reembed.documents import DocumentSpec, hash_partition_name
 from reembed.embedder import describe_model
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writers", type=int, help="writer actors")
     p.add_argument("--write-batch-rows", type=int, help="rows per upsert request (before the byte cap)")
     p.add_argument("--max-text-bytes", type=int, help="stored text is cut to this many UTF-8 bytes")
+    p.add_argument(
+        "--write-mode",
+        choices=["upsert", "bulk"],
+        help="upsert (default): streaming, idempotent; bulk: Parquet + server import into a new collection",
+    )
+    p.add_argument("--bulk-dir", help="bulk: a directory the Milvus server imports from (its storage root)")
+    p.add_argument("--bulk-file-rows", type=int, help="bulk: rows per staged batch of Parquet files")
     p.add_argument("--output-dir", help="where run manifests and rejects go (default ./data/runs)")
     return p
 
@@ -117,6 +125,8 @@ def run(cfg: BackfillConfig) -> dict[str, Any]:
             stored = store.check_identity(cfg.collection, wanted)
             wanted = replace(wanted, calibration=stored.calibration, vector_type=stored.vector_type, hnsw=stored.hnsw)
             logger.info("collection %r exists with a matching identity: reusing its int8 calibration", cfg.collection)
+        if cfg.write_mode == "bulk":
+            bulk.check_bulk_ready(store, cfg.collection, exists, cfg.bulk_dir)
 
         started_ray = _init_ray()
         try:
@@ -180,16 +190,30 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         store.ensure_partitions(cfg.collection, names)
 
     vectors = pipeline.embed(docs, source, cfg.precision, wanted.calibration, compute)
-    results = pipeline.write(
-        vectors,
-        uri,
-        cfg.milvus_token,
-        cfg.collection,
-        wanted.vector_type,
-        cfg.max_text_bytes,
-        bool(spec.partition_by),
-        compute,
-    )
+    staging = bulk.staging_dir(cfg.bulk_dir, cfg.collection) if cfg.write_mode == "bulk" else None
+    if staging:
+        results = pipeline.stage_bulk(
+            vectors,
+            uri,
+            cfg.milvus_token,
+            cfg.collection,
+            cfg.max_text_bytes,
+            str(staging),
+            compute,
+            cfg.bulk_file_rows,
+        )
+    else:
+        results = pipeline.write(
+            vectors,
+            uri,
+            cfg.milvus_token,
+            cfg.collection,
+            wanted.vector_type,
+            cfg.max_text_bytes,
+            bool(spec.partition_by),
+            compute,
+        )
+    staged: dict[str, list[str]] = {}
     run_dir = _run_dir(cfg)
     rejects_path = run_dir / "rejects.jsonl"
     per_partition: Counter[str] = Counter()
@@ -209,9 +233,11 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
                 batch["raw"],
                 strict=True,
             ):
-                if kind == "written":
+                if kind in ("written", bulk.KIND_STAGED):
                     first_write_at = first_write_at or time.monotonic()
                     per_partition[str(part)] += int(count)
+                    if kind == bulk.KIND_STAGED:
+                        staged.setdefault(str(part), []).extend(json.loads(src))
                 else:
                     rejected += 1
                     reasons[str(reason).split(":")[0]] += 1
@@ -225,8 +251,13 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
                 logger.info(
                     "progress: %d written, %d rejected, %.1f docs/s", done, rejected, done / (last_log - started)
                 )
-    store.flush(cfg.collection)
     written = sum(per_partition.values())
+    bulk_info = None
+    if staging:
+        bulk_info = bulk.import_staged(
+            store, cfg.collection, staged, cfg.bulk_dir, staging, written, token=cfg.milvus_token
+        )
+    store.flush(cfg.collection)
     return {
         "read": written + rejected,
         "written": written,
@@ -241,6 +272,8 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "partitions": dict(sorted(per_partition.items())),
         "duplicate_ids": len(duplicates),
         "calibration": calibration_info or ("reused" if wanted.calibration else None),
+        "write_mode": cfg.write_mode,
+        "bulk_import": bulk_info,
         "actors": compute.actors,
         "device": compute.device,
         "startup_seconds": round((first_write_at or time.monotonic()) - started, 3),

@@ -229,3 +229,32 @@ def sample_embeddings(docs: ray.data.Dataset, size: int, source: ModelSource, co
 
 def iter_summaries(results: ray.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     yield from results.iter_batches(batch_format="numpy", batch_size=None)
+
+
+def stage_bulk(
+    vectors: ray.data.Dataset,
+    uri: str,
+    token: str | None,
+    collection: str,
+    max_text_bytes: int,
+    staging: str,
+    compute: ComputePlan,
+    rows_per_call: int,
+) -> ray.data.Dataset:
+    """--write-mode bulk: writer actors stage Parquet files (reembed/bulk.py) instead of upserting."""
+    from reembed.bulk import BulkStager
+
+    return vectors.map_batches(
+        BulkStager,
+        fn_constructor_kwargs={
+            "uri": uri,
+            "token": token,
+            "collection": collection,
+            "max_text_bytes": max_text_bytes,
+            "staging": staging,
+        },
+        batch_size=rows_per_call,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=compute.writers),
+        num_cpus=WRITER_NUM_CPUS,
+    )

@@ -27,6 +27,7 @@ MILVUS_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
 Precision = Literal["int8", "float32"]
 Int8Scheme = Literal["global", "per-dim"]
+WriteMode = Literal["upsert", "bulk"]
 
 
 class BackfillConfig(BaseSettings):
@@ -63,6 +64,11 @@ class BackfillConfig(BaseSettings):
     writers: int = Field(2, ge=1, le=256)
     write_batch_rows: int = Field(512, ge=1, le=10_000)
     max_text_bytes: int = Field(65_535, ge=256, le=65_535)
+    write_mode: WriteMode = Field(
+        "upsert", description="upsert: streaming, idempotent; bulk: Parquet files + server import (new collection)"
+    )
+    bulk_dir: str | None = Field(None, description="bulk: directory the Milvus server imports from (its storage root)")
+    bulk_file_rows: int = Field(50_000, ge=1, le=10_000_000, description="bulk: rows per staged batch of files")
 
     output_dir: str = "./data/runs"
 
@@ -91,6 +97,11 @@ class BackfillConfig(BaseSettings):
             raise ValueError(
                 f"partition_by={self.partition_by!r} and partitions={self.partitions} are exclusive: "
                 "choose one partitioning scheme"
+            )
+        if self.write_mode == "bulk" and self.milvus_uri.endswith(".db") and "://" not in self.milvus_uri:
+            raise ValueError(
+                f"write_mode: bulk needs a Milvus server; Milvus Lite ({self.milvus_uri!r}) has no bulk import, "
+                "use write_mode upsert with a .db"
             )
         return self
 

@@ -1,0 +1,216 @@
+"""Bulk import, the backfill's other way into Milvus (`--write-mode bulk`) for very large first loads.
+
+Same flow as the streaming upserts up to the embedded batch; then, instead of upserting, writer
+actors (`BulkStager`) write the rows as Parquet files with pymilvus's `LocalBulkWriter` into a
+staging directory the Milvus server can read (`--bulk-dir`: its storage root, e.g. a MinIO/S3 bucket
+mounted on every Ray node, or `localStorage.path` of a standalone server with local storage). When
+every batch is staged the driver asks the server to import the files (`utility.do_bulk_insert`, one
+task per file: Milvus 2.3 reads one Parquet file per task), waits for the tasks, checks the row
+count, and deletes the staged files. Milvus builds segments from the files directly, skipping the
+insert path (WAL, growing segments, compaction) that upserts go through.
+
+Import inserts: it cannot replace rows, so it is only offered into a new or empty collection, and
+only the files that writers reported back are imported (a retried Ray task leaves an orphan file
+that nobody reports, never a second copy of its rows). Milvus Lite has no import at all: a clear
+ConfigError before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reembed.documents import C_HASH, C_ID, C_PARTITION, C_RAW, C_REJECT, C_SOURCE, C_TEXT, truncate_utf8
+from reembed.errors import CapabilityError, ConfigError, ReembedError
+from reembed.ingest import C_VECTOR, SUMMARY_COLUMNS
+from reembed.store import F_HASH, F_ID, F_PARTITION, F_TEXT, F_VECTOR, MilvusStore, vector_payload
+
+logger = logging.getLogger(__name__)
+
+# Parquet import (one file per task) arrived in Milvus 2.3.4.
+BULK_IMPORT_MIN_VERSION = (2, 3, 4)
+STAGING_SUBDIR = "reembed-bulk"
+# The summary row a stager returns for a staged file set (BatchWriter returns "written").
+KIND_STAGED = "staged"
+IMPORT_POLL_S = 1.0
+# LocalBulkWriter starts a new file when its buffer passes this many bytes.
+CHUNK_BYTES = 256 << 20
+
+
+def bulk_unsupported_reason(is_lite: bool, version: str) -> str | None:
+    """Why a server cannot bulk-import our Parquet files, or None when it can."""
+    if is_lite:
+        return (
+            "Milvus Lite has no bulk import; use --write-mode upsert with a .db, or a Milvus server "
+            f"(>= {'.'.join(map(str, BULK_IMPORT_MIN_VERSION))}) for bulk"
+        )
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", version)
+    numbers = tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
+    if numbers < BULK_IMPORT_MIN_VERSION:
+        return (
+            f"Milvus {version} cannot import Parquet files (needs >= {'.'.join(map(str, BULK_IMPORT_MIN_VERSION))}); "
+            "use --write-mode upsert"
+        )
+    return None
+
+
+def check_bulk_ready(store: MilvusStore, collection: str, exists: bool, bulk_dir: str | None) -> None:
+    """Everything bulk mode needs, checked before any embedding."""
+    reason = bulk_unsupported_reason(store.capabilities.is_lite, store.capabilities.version)
+    if reason:
+        error = ConfigError if store.capabilities.is_lite else CapabilityError
+        raise error(f"write_mode: bulk: {reason}")
+    if not bulk_dir:
+        raise ConfigError(
+            "bulk_dir: write_mode bulk needs a directory the Milvus server imports from (its storage root: a "
+            "mounted MinIO/S3 bucket, or localStorage.path of a standalone server), got none"
+        )
+    root = Path(bulk_dir)
+    if not root.is_dir():
+        raise ConfigError(f"bulk_dir: expected an existing directory, got {bulk_dir!r}")
+    if exists:
+        rows = store.count(collection)
+        if rows:
+            raise ConfigError(
+                f"write_mode: bulk import inserts rows and cannot replace them, but collection {collection!r} "
+                f"already has {rows} rows; use --write-mode upsert for it, or bulk into a new collection"
+            )
+
+
+def staging_dir(bulk_dir: str, collection: str) -> Path:
+    """A fresh directory for this run's files under the server's storage root."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    path = Path(bulk_dir) / STAGING_SUBDIR / collection / f"{stamp}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+class BulkStager:
+    """Writes the good documents of a batch as Parquet files (LocalBulkWriter), one set per partition.
+
+    Returns the same summary columns as BatchWriter: a "staged" row per partition whose `source`
+    holds the JSON list of files, and a "rejected" row per bad document.
+    """
+
+    def __init__(self, uri: str, token: str | None, collection: str, max_text_bytes: int, staging: str) -> None:
+        from pymilvus.orm.schema import CollectionSchema
+
+        # pymilvus's bulk writer logs every flush at INFO and forces its own logger to DEBUG.
+        for name in ("bulk_writer", "pymilvus.bulk_writer"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        store = MilvusStore(uri, token)
+        try:
+            desc = store._call("describe_collection", store.client.describe_collection, collection)
+        finally:
+            store.close()
+        # The files must match the collection the driver created: take its schema from the server.
+        self.schema = CollectionSchema.construct_from_dict(desc)
+        self.vector_type = next(f.dtype.name for f in self.schema.fields if f.name == F_VECTOR)
+        self.staging = Path(staging)
+        self.max_text_bytes = max_text_bytes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        from pymilvus.bulk_writer import BulkFileType, LocalBulkWriter
+
+        summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
+        by_partition: dict[str, list[int]] = defaultdict(list)
+        for i, reason in enumerate(batch[C_REJECT]):
+            if reason:
+                values = ("rejected", "", 0, batch[C_ID][i], batch[C_SOURCE][i], reason, batch[C_RAW][i])
+                for col, value in zip(SUMMARY_COLUMNS, values, strict=True):
+                    summary[col].append(value)
+            else:
+                by_partition[batch[C_PARTITION][i]].append(i)
+        for partition, rows in by_partition.items():
+            vectors = vector_payload(batch[C_VECTOR][rows], self.vector_type)
+            with LocalBulkWriter(
+                schema=self.schema,
+                local_path=str(self.staging / partition),
+                chunk_size=CHUNK_BYTES,
+                file_type=BulkFileType.PARQUET,
+            ) as writer:
+                for i, vec in zip(rows, vectors, strict=True):
+                    writer.append_row(
+                        {
+                            F_ID: str(batch[C_ID][i]),
+                            F_VECTOR: vec,
+                            F_TEXT: truncate_utf8(str(batch[C_TEXT][i]), self.max_text_bytes),
+                            F_HASH: str(batch[C_HASH][i]),
+                            F_PARTITION: str(partition),
+                        }
+                    )
+                writer.commit()
+                files = [str(f) for group in writer.batch_files for f in group]
+            values = (KIND_STAGED, partition, len(rows), "", json.dumps(files), "", "")
+            for col, value in zip(SUMMARY_COLUMNS, values, strict=True):
+                summary[col].append(value)
+        return summary
+
+
+def import_staged(
+    store: MilvusStore,
+    collection: str,
+    staged: dict[str, list[str]],
+    bulk_dir: str,
+    staging: Path,
+    expected_rows: int,
+    token: str | None = None,
+    timeout_s: float = 3600.0,
+    keep_files: bool = False,
+) -> dict[str, Any]:
+    """Import the staged files (`{partition: [file, ...]}`) and wait; returns counts and timings.
+
+    File paths are given to the server relative to `bulk_dir`, its storage root.
+    """
+    from pymilvus import BulkInsertState, connections, utility
+
+    root = Path(bulk_dir).resolve()
+    store.ensure_partitions(collection, staged)
+    alias = f"reembed-bulk-{uuid.uuid4().hex[:8]}"
+    connections.connect(alias=alias, uri=store.uri, token=token or "")
+    started = time.monotonic()
+    tasks: dict[int, str] = {}
+    try:
+        for partition, files in staged.items():
+            for file in files:
+                relative = str(Path(file).resolve().relative_to(root))
+                task = utility.do_bulk_insert(collection, files=[relative], partition_name=partition, using=alias)
+                tasks[task] = relative
+        logger.info("bulk import: %d file(s) submitted to %s", len(tasks), store.uri)
+        imported = 0
+        pending = dict(tasks)
+        while pending:
+            for task in list(pending):
+                state = utility.get_bulk_insert_state(task, using=alias)
+                if state.state in (BulkInsertState.ImportFailed, BulkInsertState.ImportFailedAndCleaned):
+                    raise ReembedError(f"bulk import of {pending[task]!r} failed: {state.failed_reason}")
+                if state.state == BulkInsertState.ImportCompleted:
+                    imported += int(state.row_count)
+                    del pending[task]
+            if pending:
+                if time.monotonic() - started > timeout_s:
+                    raise ReembedError(f"bulk import: {len(pending)} file(s) not imported after {timeout_s:.0f} s")
+                time.sleep(IMPORT_POLL_S)
+    finally:
+        connections.disconnect(alias)
+    seconds = time.monotonic() - started
+    count = store.count(collection)
+    if imported != expected_rows or count != expected_rows:
+        raise ReembedError(
+            f"bulk import into {collection!r}: {expected_rows} rows were staged, the server imported {imported} "
+            f"and the collection has {count}; the staged files are kept in {staging}"
+        )
+    if not keep_files:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("bulk import: %d rows from %d file(s) in %.1f s", imported, len(tasks), seconds)
+    return {"files": len(tasks), "rows": imported, "seconds": round(seconds, 3)}
