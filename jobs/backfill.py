@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["upsert", "bulk"],
         help="upsert (default): streaming, idempotent; bulk: Parquet + server import into a new collection",
     )
-    p.add_argument("--bulk-dir", help="bulk: a directory the Milvus server imports from (its storage root)")
+    p.add_argument("--bulk-dir", help="bulk: where Parquet files are staged; the Milvus server must read it")
+    p.add_argument(
+        "--bulk-storage-root",
+        help="bulk: where the server's MinIO/S3 bucket is mounted (files named relative to it); default: "
+        "absolute paths, for a server with local storage",
+    )
     p.add_argument("--bulk-file-rows", type=int, help="bulk: rows per staged batch of Parquet files")
     p.add_argument("--output-dir", help="where run manifests and rejects go (default ./data/runs)")
     return p
@@ -126,7 +131,7 @@ def run(cfg: BackfillConfig) -> dict[str, Any]:
             wanted = replace(wanted, calibration=stored.calibration, vector_type=stored.vector_type, hnsw=stored.hnsw)
             logger.info("collection %r exists with a matching identity: reusing its int8 calibration", cfg.collection)
         if cfg.write_mode == "bulk":
-            bulk.check_bulk_ready(store, cfg.collection, exists, cfg.bulk_dir)
+            bulk.check_bulk_ready(store, cfg.collection, exists, cfg.bulk_dir, cfg.bulk_storage_root)
 
         started_ray = _init_ray()
         try:
@@ -255,7 +260,7 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     bulk_info = None
     if staging:
         bulk_info = bulk.import_staged(
-            store, cfg.collection, staged, cfg.bulk_dir, staging, written, token=cfg.milvus_token
+            store, cfg.collection, staged, staging, written, cfg.bulk_storage_root, cfg.milvus_token
         )
     store.flush(cfg.collection)
     return {

@@ -132,18 +132,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _vector_array(value: Any, dtype: type) -> np.ndarray:
+    """One row's vector as pymilvus returns it (a list of numbers, bytes, or [bytes]) as a flat array."""
+    if isinstance(value, list) and value and isinstance(value[0], (bytes, bytearray)):
+        value = value[0]
+    if isinstance(value, (bytes, bytearray)):
+        return np.frombuffer(value, dtype=dtype)
+    return np.asarray(value, dtype=dtype)
+
+
 def _to_arrow(rows: list[dict[str, Any]], fields: list[FieldSpec], schema: pa.Schema) -> pa.Table:
     columns = []
     for f in fields:
         values = [r[f.name] for r in rows]
         if f.type in _VECTOR_DTYPES:
             dtype = _VECTOR_DTYPES[f.type]
-            flat = np.concatenate(
-                [
-                    np.frombuffer(v, dtype=dtype) if isinstance(v, (bytes, bytearray)) else np.asarray(v, dtype=dtype)
-                    for v in values
-                ]
-            )
+            flat = np.concatenate([_vector_array(v, dtype) for v in values])
             columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), int(f.params["dim"])))
         elif f.type == "BINARY_VECTOR":
             columns.append(pa.array([bytes(v[0] if isinstance(v, list) else v) for v in values], f.arrow_type()))
@@ -159,7 +163,8 @@ def _from_arrow(batch: pa.RecordBatch, fields: list[FieldSpec]) -> list[dict[str
     for f in fields:
         col = batch.column(f.name)
         if f.type in _VECTOR_DTYPES:
-            flat = col.values.to_numpy(zero_copy_only=False).astype(_VECTOR_DTYPES[f.type], copy=False)
+            # flatten(), not .values: it honours the offset of a sliced batch.
+            flat = col.flatten().to_numpy(zero_copy_only=False).astype(_VECTOR_DTYPES[f.type], copy=False)
             columns[f.name] = list(flat.reshape(len(col), int(f.params["dim"])))
         elif f.type == "BINARY_VECTOR":
             columns[f.name] = col.to_pylist()

@@ -2,8 +2,9 @@
 
 Same flow as the streaming upserts up to the embedded batch; then, instead of upserting, writer
 actors (`BulkStager`) write the rows as Parquet files with pymilvus's `LocalBulkWriter` into a
-staging directory the Milvus server can read (`--bulk-dir`: its storage root, e.g. a MinIO/S3 bucket
-mounted on every Ray node, or `localStorage.path` of a standalone server with local storage). When
+staging directory the Milvus server can read (`--bulk-dir`: for a standalone server with local
+storage, any directory it can open, files named by absolute path; for MinIO/S3, a directory inside
+the bucket as mounted on every Ray node, files named relative to `--bulk-storage-root`). When
 every batch is staged the driver asks the server to import the files (`utility.do_bulk_insert`, one
 task per file: Milvus 2.3 reads one Parquet file per task), waits for the tasks, checks the row
 count, and deletes the staged files. Milvus builds segments from the files directly, skipping the
@@ -43,6 +44,7 @@ STAGING_SUBDIR = "reembed-bulk"
 # The summary row a stager returns for a staged file set (BatchWriter returns "written").
 KIND_STAGED = "staged"
 IMPORT_POLL_S = 1.0
+VISIBLE_TIMEOUT_S = 60.0
 # LocalBulkWriter starts a new file when its buffer passes this many bytes.
 CHUNK_BYTES = 256 << 20
 
@@ -64,7 +66,9 @@ def bulk_unsupported_reason(is_lite: bool, version: str) -> str | None:
     return None
 
 
-def check_bulk_ready(store: MilvusStore, collection: str, exists: bool, bulk_dir: str | None) -> None:
+def check_bulk_ready(
+    store: MilvusStore, collection: str, exists: bool, bulk_dir: str | None, storage_root: str | None = None
+) -> None:
     """Everything bulk mode needs, checked before any embedding."""
     reason = bulk_unsupported_reason(store.capabilities.is_lite, store.capabilities.version)
     if reason:
@@ -72,12 +76,17 @@ def check_bulk_ready(store: MilvusStore, collection: str, exists: bool, bulk_dir
         raise error(f"write_mode: bulk: {reason}")
     if not bulk_dir:
         raise ConfigError(
-            "bulk_dir: write_mode bulk needs a directory the Milvus server imports from (its storage root: a "
-            "mounted MinIO/S3 bucket, or localStorage.path of a standalone server), got none"
+            "bulk_dir: write_mode bulk needs a directory for the Parquet files that the Milvus server can read "
+            "(its MinIO/S3 bucket mounted on the Ray nodes, or a local directory of a standalone server), got none"
         )
     root = Path(bulk_dir)
     if not root.is_dir():
         raise ConfigError(f"bulk_dir: expected an existing directory, got {bulk_dir!r}")
+    if storage_root and Path(storage_root).resolve() not in [root.resolve(), *root.resolve().parents]:
+        raise ConfigError(
+            f"bulk_dir: expected a directory inside bulk_storage_root {storage_root!r} (the server names files "
+            f"relative to it), got {bulk_dir!r}"
+        )
     if exists:
         rows = store.count(collection)
         if rows:
@@ -90,7 +99,8 @@ def check_bulk_ready(store: MilvusStore, collection: str, exists: bool, bulk_dir
 def staging_dir(bulk_dir: str, collection: str) -> Path:
     """A fresh directory for this run's files under the server's storage root."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = Path(bulk_dir) / STAGING_SUBDIR / collection / f"{stamp}-{uuid.uuid4().hex[:8]}"
+    # Absolute: writer actors run in other working directories, on other nodes.
+    path = Path(bulk_dir).resolve() / STAGING_SUBDIR / collection / f"{stamp}-{uuid.uuid4().hex[:8]}"
     path.mkdir(parents=True, exist_ok=False)
     return path
 
@@ -161,20 +171,21 @@ def import_staged(
     store: MilvusStore,
     collection: str,
     staged: dict[str, list[str]],
-    bulk_dir: str,
     staging: Path,
     expected_rows: int,
+    storage_root: str | None = None,
     token: str | None = None,
     timeout_s: float = 3600.0,
     keep_files: bool = False,
 ) -> dict[str, Any]:
     """Import the staged files (`{partition: [file, ...]}`) and wait; returns counts and timings.
 
-    File paths are given to the server relative to `bulk_dir`, its storage root.
+    A server with local storage (a standalone) opens the absolute path it is given; one with MinIO/S3
+    reads object keys, i.e. paths relative to where its bucket is mounted (`storage_root`).
     """
     from pymilvus import BulkInsertState, connections, utility
 
-    root = Path(bulk_dir).resolve()
+    root = Path(storage_root).resolve() if storage_root else None
     store.ensure_partitions(collection, staged)
     alias = f"reembed-bulk-{uuid.uuid4().hex[:8]}"
     connections.connect(alias=alias, uri=store.uri, token=token or "")
@@ -183,9 +194,9 @@ def import_staged(
     try:
         for partition, files in staged.items():
             for file in files:
-                relative = str(Path(file).resolve().relative_to(root))
-                task = utility.do_bulk_insert(collection, files=[relative], partition_name=partition, using=alias)
-                tasks[task] = relative
+                name = str(Path(file).resolve().relative_to(root)) if root else str(Path(file).resolve())
+                task = utility.do_bulk_insert(collection, files=[name], partition_name=partition, using=alias)
+                tasks[task] = name
         logger.info("bulk import: %d file(s) submitted to %s", len(tasks), store.uri)
         imported = 0
         pending = dict(tasks)
@@ -204,7 +215,12 @@ def import_staged(
     finally:
         connections.disconnect(alias)
     seconds = time.monotonic() - started
+    # Imported segments become visible to queries once loaded; give that a moment.
+    deadline = time.monotonic() + VISIBLE_TIMEOUT_S
     count = store.count(collection)
+    while count != expected_rows and time.monotonic() < deadline:
+        time.sleep(IMPORT_POLL_S)
+        count = store.count(collection)
     if imported != expected_rows or count != expected_rows:
         raise ReembedError(
             f"bulk import into {collection!r}: {expected_rows} rows were staged, the server imported {imported} "

@@ -67,7 +67,12 @@ class BackfillConfig(BaseSettings):
     write_mode: WriteMode = Field(
         "upsert", description="upsert: streaming, idempotent; bulk: Parquet files + server import (new collection)"
     )
-    bulk_dir: str | None = Field(None, description="bulk: directory the Milvus server imports from (its storage root)")
+    bulk_dir: str | None = Field(
+        None, description="bulk: where Parquet files are staged, readable by the Milvus server"
+    )
+    bulk_storage_root: str | None = Field(
+        None, description="bulk: where the server's bucket is mounted; files are named relative to it (else absolute)"
+    )
     bulk_file_rows: int = Field(50_000, ge=1, le=10_000_000, description="bulk: rows per staged batch of files")
 
     output_dir: str = "./data/runs"

