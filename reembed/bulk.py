@@ -24,6 +24,7 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +75,12 @@ def check_bulk_ready(
     if reason:
         error = ConfigError if store.capabilities.is_lite else CapabilityError
         raise error(f"write_mode: bulk: {reason}")
+    from pymilvus import utility
+
+    if not hasattr(utility, "do_bulk_insert"):
+        raise CapabilityError(
+            "write_mode: bulk: this pymilvus has no utility.do_bulk_insert (removed after 3.0); use --write-mode upsert"
+        )
     if not bulk_dir:
         raise ConfigError(
             "bulk_dir: write_mode bulk needs a directory for the Parquet files that the Milvus server can read "
@@ -188,6 +195,8 @@ def import_staged(
     root = Path(storage_root).resolve() if storage_root else None
     store.ensure_partitions(collection, staged)
     alias = f"reembed-bulk-{uuid.uuid4().hex[:8]}"
+    # pymilvus 3.0 marks the ORM API deprecated; it is the import call that Milvus 2.3 (and later) answers.
+    warnings.filterwarnings("ignore", message=".*ORM-style PyMilvus API.*")
     connections.connect(alias=alias, uri=store.uri, token=token or "")
     started = time.monotonic()
     tasks: dict[int, str] = {}
