@@ -3,7 +3,7 @@
 API, its actors on both nodes, and the search service deployed with `serve deploy`.
 
 The cluster is private to this test: its own --temp-dir (so no other `ray.init()` on the machine
-finds it through /tmp/ray), its own ports, one CPU a node. It is stopped by killing the process
+finds it through /tmp/ray), its own ports, one CPU a node, token auth off (loopback only). It is stopped by killing the process
 groups it started and then any process still carrying its temp dir: never `ray stop`, which
 would stop every Ray on the machine.
 """
@@ -153,6 +153,10 @@ def cluster():
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         RAY_USAGE_STATS_ENABLED="0",
+        # Loopback only and private to the test: no token auth, so the cluster neither needs nor touches
+        # the machine's shared ~/.ray/auth_token (Ray 2.60 turns token auth on for a new cluster when
+        # RAY_AUTH_MODE is unset and a token exists there).
+        RAY_AUTH_MODE="disabled",
     )
     c = TwoNodeCluster(temp_dir, gcs_port, dashboard_port, env)
     try:
