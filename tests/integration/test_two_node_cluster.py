@@ -56,12 +56,16 @@ def _port_free(port: int) -> bool:
     return True
 
 
+_TAKEN: set[int] = set()  # ports this module has handed out: no two components may share one
+
+
 def _free_ports(count: int) -> list[int]:
-    """`count` free ports in a random region well away from Ray's defaults."""
+    """`count` free ports in a random region well away from Ray's defaults, none handed out before."""
     ports: list[int] = []
     while len(ports) < count:
         port = random.randint(30_000, 59_000)
-        if port not in ports and _port_free(port):
+        if port not in _TAKEN and _port_free(port):
+            _TAKEN.add(port)
             ports.append(port)
     return ports
 
@@ -69,7 +73,9 @@ def _free_ports(count: int) -> list[int]:
 def _free_range(size: int) -> int:
     while True:
         start = random.randint(30_000, 59_000 - size)
-        if all(_port_free(p) for p in range(start, start + size)):
+        span = range(start, start + size)
+        if not _TAKEN.intersection(span) and all(_port_free(p) for p in span):
+            _TAKEN.update(span)
             return start
 
 
@@ -143,7 +149,7 @@ class TwoNodeCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(milvus_server):  # the server first: it takes a fixed port that others may be holding
     # A short path: Ray's unix sockets live under the temp dir and must stay under 108 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-twonode-", dir="/tmp"))
     gcs_port, dashboard_port = _free_ports(2)
