@@ -91,16 +91,37 @@ def milvus_server(tmp_path_factory):
             break
         except Exception:
             if time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
+                stop_process_group(proc, grace=0)
                 pytest.fail("milvus-server did not answer within 120 s")
             time.sleep(1)
     yield uri
-    # milvus-server runs the C++ server as a child: stop the whole process group.
-    os.killpg(proc.pid, signal.SIGTERM)
+    stop_process_group(proc)
+
+
+def _group_alive(pgid: int) -> bool:
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM a process group, wait until every member is gone, SIGKILL what is left.
+
+    milvus-server runs the C++ server as a child: the wrapper exits at once on SIGTERM while the
+    server is still shutting down, so waiting for the wrapper alone leaks the server (and port 19530).
+    """
+    pgid = proc.pid
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        proc.poll()  # reap the wrapper so that it does not count as alive
+        time.sleep(0.2)
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="session")
