@@ -64,7 +64,19 @@ class BackfillConfig(BaseSettings):
     write_batch_rows: int = Field(512, ge=1, le=10_000)
     max_text_bytes: int = Field(65_535, ge=256, le=65_535)
 
-    output_dir: str = "./data/runs"
+    output_dir: str = Field("./data/runs", description="run manifests, rejects and the resume record")
+
+    full: bool = Field(False, description="re-embed every document, not only new and changed ones")
+    delete_missing: bool = Field(False, description="delete stored documents that the input no longer has")
+    max_delete_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="--delete-missing refuses to delete more than this share of the collection"
+    )
+    shard_bytes: int | None = Field(
+        None, ge=1024, le=1 << 34, description="input bytes per shard (default: about 8 shards per actor)"
+    )
+    checkpoint_interval_s: float = Field(
+        30.0, gt=0, le=86_400, description="how often finished shards are flushed and recorded for resume"
+    )
 
     @field_validator("text_fields", mode="before")
     @classmethod

@@ -39,6 +39,8 @@ DEFAULT_PARTITION = "_default"
 # Keep one request well under Milvus's 64 MiB gRPC limit.
 MAX_REQUEST_BYTES = 16 << 20
 INT8_VECTOR_MIN_VERSION = (2, 6, 0)
+# Ids per `id in [...]` lookup or delete: short expressions, few round trips.
+LOOKUP_IDS_PER_QUERY = 1000
 
 T = TypeVar("T")
 
@@ -149,7 +151,7 @@ def _as_reembed_error(exc: Exception, what: str) -> ReembedError:
 class MilvusStore:
     """A connection to one Milvus (server or Lite) with the operations the project needs."""
 
-    def __init__(self, uri: str, token: str | None = None, timeout: float = 30.0, retries: int = 5) -> None:
+    def __init__(self, uri: str, token: str | None = None, timeout: float = 30.0, retries: int = 10) -> None:
         from pymilvus import MilvusClient
 
         self.uri = uri
@@ -342,6 +344,53 @@ class MilvusStore:
             self._call("delete", self.client.delete, collection, ids=old_ids, partition_name=old)
             deleted += len(old_ids)
         return deleted
+
+    def stored_versions(self, collection: str, ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """id -> [(partition, content hash), ...] of every stored copy of these ids (none: absent)."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for start in range(0, len(ids), LOOKUP_IDS_PER_QUERY):
+            chunk = list(ids[start : start + LOOKUP_IDS_PER_QUERY])
+            rows = self.query(collection, f"{F_ID} in {json.dumps(chunk)}", [F_ID, F_PARTITION, F_HASH])
+            for row in rows:
+                out.setdefault(row[F_ID], []).append((row[F_PARTITION], row[F_HASH]))
+        return out
+
+    def iter_ids(self, collection: str, partition: str | None = None, batch_size: int = 10_000) -> Iterable[list[str]]:
+        """Every stored id (of one partition), in batches, streamed with a query iterator."""
+        self.load(collection)
+        # Filter on the stored partition field: Milvus Lite ignores partition_names in queries.
+        expr = f"{F_PARTITION} == {json.dumps(partition)}" if partition else f'{F_ID} != ""'
+        iterator = self._call(
+            "query_iterator",
+            self.client.query_iterator,
+            collection,
+            batch_size=batch_size,
+            filter=expr,
+            output_fields=[F_ID],
+        )
+        try:
+            while True:
+                rows = self._call("query_iterator.next", iterator.next)
+                if not rows:
+                    return
+                yield [r[F_ID] for r in rows]
+        finally:
+            with contextlib.suppress(Exception):
+                iterator.close()
+
+    def delete_ids(self, collection: str, ids: Sequence[str]) -> int:
+        """Delete these ids from every partition."""
+        deleted = 0
+        for start in range(0, len(ids), LOOKUP_IDS_PER_QUERY):
+            chunk = list(ids[start : start + LOOKUP_IDS_PER_QUERY])
+            self._call("delete", self.client.delete, collection, ids=chunk)
+            deleted += len(chunk)
+        return deleted
+
+    def collection_id(self, name: str) -> str:
+        """Milvus's own id of the collection behind `name`: it changes when a collection is re-created."""
+        desc = self._call("describe_collection", self.client.describe_collection, name)
+        return str(desc.get("collection_id", ""))
 
     def flush(self, collection: str) -> None:
         self._call("flush", self.client.flush, collection)

@@ -62,9 +62,50 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+class MilvusServerProcess:
+    """The real Milvus C++ server (2.3.5, from the `milvus` package) on 127.0.0.1:19530, restartable."""
+
+    def __init__(self, exe: str, data: Path) -> None:
+        self.exe, self.data = exe, data
+        self.uri = f"http://127.0.0.1:{MILVUS_SERVER_PORT}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        with open(self.data / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [self.exe, "--data", str(self.data)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                log = (self.data / "server.log").read_text()[-2000:]
+                pytest.fail(f"milvus-server exited with {self.proc.returncode}; log: {log}")
+            try:
+                MilvusClient(uri=self.uri, timeout=5).get_server_version()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop(grace=0)
+                    pytest.fail(f"milvus-server did not answer within {timeout:.0f} s")
+                time.sleep(1)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, no flush."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            stop_process_group(self.proc, grace=10)  # waits until every process of the group is gone
+            self.proc = None
+
+    def stop(self, grace: float = 30.0) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc, grace)
+            self.proc = None
+
+
 @pytest.fixture(scope="session")
-def milvus_server(tmp_path_factory):
-    """The real Milvus C++ server (2.3.5, from the `milvus` package) on 127.0.0.1:19530."""
+def milvus_server_process(tmp_path_factory):
     # The venv's bin is not on PATH when pytest runs as .venv/bin/python -m pytest.
     beside = Path(sys.executable).with_name("milvus-server")
     exe = str(beside) if beside.exists() else shutil.which("milvus-server")
@@ -72,30 +113,16 @@ def milvus_server(tmp_path_factory):
         pytest.skip("milvus-server not installed (pip install milvus==2.3.5)")
     if _port_open(MILVUS_SERVER_PORT):
         pytest.skip(f"port {MILVUS_SERVER_PORT} is busy: another Milvus is running")
-    data = tmp_path_factory.mktemp("milvus-server")
-    with open(data / "server.log", "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            [exe, "--data", str(data)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    uri = f"http://127.0.0.1:{MILVUS_SERVER_PORT}"
-    from pymilvus import MilvusClient
+    server = MilvusServerProcess(exe, tmp_path_factory.mktemp("milvus-server"))
+    server.start()
+    yield server
+    server.stop()
 
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"milvus-server exited with {proc.returncode}; log: {(data / 'server.log').read_text()[-2000:]}"
-            )
-        try:
-            MilvusClient(uri=uri, timeout=5).get_server_version()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                stop_process_group(proc, grace=0)
-                pytest.fail("milvus-server did not answer within 120 s")
-            time.sleep(1)
-    yield uri
-    stop_process_group(proc)
+
+@pytest.fixture(scope="session")
+def milvus_server(milvus_server_process) -> str:
+    """The real Milvus server's URI (http://127.0.0.1:19530)."""
+    return milvus_server_process.uri
 
 
 def _group_alive(pgid: int) -> bool:

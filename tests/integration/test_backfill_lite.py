@@ -119,8 +119,10 @@ def test_rerun_is_idempotent_and_cli_prints_summary(tmp_path, cranfield, ray_loc
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("read", "written", "rejected", "docs_per_s", "seconds", "collection", "model", "precision"):
         assert key in summary
-    assert summary["read"] == 60 and summary["written"] == 60 and summary["calibration"] == "reused"
-    assert set(summary["partitions"]) == {"part_0000", "part_0001", "part_0002"}
+    # Nothing changed: every shard of the first run is skipped unread, nothing is written.
+    assert summary["read"] == 0 and summary["written"] == 0 and summary["calibration"] == "reused"
+    assert summary["shards"]["skipped"] == summary["shards"]["total"] == first["shards"]["total"]
+    assert set(first["partitions"]) == {"part_0000", "part_0001", "part_0002"}
     ids = all_ids(str(tmp_path / "m.db"), "docs")
     assert sorted(ids) == sorted(d["_id"] for d in docs)
 
