@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 CRANFIELD = Path(os.environ.get("REEMBED_CRANFIELD", REPO.parent / "shared" / "data" / "cranfield"))
 MILVUS_SERVER_PORT = 19530
+
+# `milvus-server` (the `milvus` package) probes each port with a plain bind() before it starts the
+# server, and silently moves to another port when the probe fails. After a kill -9 the old server's
+# connections sit in TIME_WAIT for 60 s, the probe fails, and the restarted proxy listens on 19531
+# while every client keeps dialling 19530. Milvus's own listeners set SO_REUSEADDR; the probe here
+# does the same. A 10 s session TTL lets a restarted server reclaim the dead one's etcd sessions
+# in ~10 s instead of ~60 s.
+_MILVUS_SERVER_SHIM = """
+import socket, sys
+import milvus
+
+def try_bind_port(self, port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+milvus.MilvusServerConfig.try_bind_port = try_bind_port
+sys.argv[0] = "milvus-server"
+sys.exit(milvus.main())
+"""
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -65,16 +90,16 @@ def _port_open(port: int) -> bool:
 class MilvusServerProcess:
     """The real Milvus C++ server (2.3.5, from the `milvus` package) on 127.0.0.1:19530, restartable."""
 
-    def __init__(self, exe: str, data: Path) -> None:
-        self.exe, self.data = exe, data
+    def __init__(self, python: str, data: Path) -> None:
+        self.python, self.data = python, data
         self.uri = f"http://127.0.0.1:{MILVUS_SERVER_PORT}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> None:
         with open(self.data / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [self.exe, "--data", str(self.data)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            argv = [self.python, "-c", _MILVUS_SERVER_SHIM, "--data", str(self.data)]
+            argv += ["--proxy-port", str(MILVUS_SERVER_PORT), "--extra-config", "common.session.ttl=10"]
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         from pymilvus import MilvusClient
 
         deadline = time.monotonic() + timeout
@@ -106,17 +131,16 @@ class MilvusServerProcess:
 
 @pytest.fixture(scope="session")
 def milvus_server_process(tmp_path_factory):
-    # The venv's bin is not on PATH when pytest runs as .venv/bin/python -m pytest.
-    beside = Path(sys.executable).with_name("milvus-server")
-    exe = str(beside) if beside.exists() else shutil.which("milvus-server")
-    if exe is None:
+    try:
+        import milvus  # noqa: F401  (the embedded Milvus 2.3.5 server)
+    except ImportError:
         pytest.skip("milvus-server not installed (pip install milvus==2.3.5)")
     if _port_open(MILVUS_SERVER_PORT):
         pytest.skip(f"port {MILVUS_SERVER_PORT} is busy: another Milvus is running")
-    server = MilvusServerProcess(exe, tmp_path_factory.mktemp("milvus-server"))
+    server = MilvusServerProcess(sys.executable, tmp_path_factory.mktemp("milvus-server"))
     server.start()
     yield server
-    server.stop()
+    server.stop(grace=5)  # scratch data: no need to wait for a clean shutdown
 
 
 @pytest.fixture(scope="session")
