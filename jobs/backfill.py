@@ -28,7 +28,7 @@ from reembed.embedder import describe_model
 from reembed.errors import ConfigError, ReembedError
 from reembed.inputs import inspect_input
 from reembed.lite import LiteServer, is_lite_uri
-from reembed.quantize import fit_int8
+from reembed.quantize import Int8Calibration, clipping_report, fit_int8
 from reembed.store import DEFAULT_PARTITION, CollectionIdentity, MilvusStore
 
 logger = logging.getLogger("jobs.backfill")
@@ -158,6 +158,7 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     docs = pipeline.read_documents(plan, spec, duplicates)
 
     calibration_info: dict[str, Any] = {}
+    sample_clipped = 0  # values the sample itself clipped: its documents are written again below
     if cfg.precision == "int8" and not wanted.calibration:
         t = time.monotonic()
         sample = pipeline.sample_embeddings(docs, cfg.calibration_sample, source, compute)
@@ -170,6 +171,7 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
             "sample_clipped_fraction": calibration.clipped_fraction(sample),
             "seconds": round(time.monotonic() - t, 3),
         }
+        sample_clipped = int(calibration.clipped_per_row(sample).sum())
         logger.info("int8 calibration fitted on %d documents", calibration.sample_size)
     if not exists:
         store.create_collection(cfg.collection, wanted, cfg.max_text_bytes)
@@ -195,11 +197,12 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     per_partition: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     rejected = 0
+    clipped = 0
     first_write_at = None
     last_log = time.monotonic()
     with open(rejects_path, "w") as rejects:
         for batch in pipeline.iter_summaries(results):
-            for kind, part, count, doc_id, src, reason, raw in zip(
+            for kind, part, count, doc_id, src, reason, raw, n_clipped in zip(
                 batch["kind"],
                 batch["partition"],
                 batch["count"],
@@ -207,11 +210,13 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
                 batch["source"],
                 batch["reason"],
                 batch["raw"],
+                batch["clipped"],
                 strict=True,
             ):
                 if kind == "written":
                     first_write_at = first_write_at or time.monotonic()
                     per_partition[str(part)] += int(count)
+                    clipped += int(n_clipped)
                 else:
                     rejected += 1
                     reasons[str(reason).split(":")[0]] += 1
@@ -227,6 +232,23 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
                 )
     store.flush(cfg.collection)
     written = sum(per_partition.values())
+    clipping = None
+    if cfg.precision == "int8" and wanted.calibration:
+        # Documents added after calibration: all of them when it was reused, the rest of the
+        # corpus when it was fitted here (the sample's documents are re-embedded bit-identically).
+        calibration = Int8Calibration.from_json(wanted.calibration)
+        fitted_here = calibration.sample_size if calibration_info else 0
+        clipping = clipping_report(calibration, max(0, written - fitted_here), max(0, clipped - sample_clipped))
+        if clipping["drift"]:
+            logger.warning(
+                "int8 drift: %.2e of the values of %d documents added after calibration were clipped (more than "
+                "%.0e): their distribution moved away from the %d-document sample the scale was fitted on; "
+                "ranking degrades as clipping grows. Re-embed into a new --collection to fit a new scale.",
+                clipping["clipped_fraction"],
+                clipping["documents"],
+                clipping["drift_threshold"],
+                calibration.sample_size,
+            )
     return {
         "read": written + rejected,
         "written": written,
@@ -241,6 +263,8 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "partitions": dict(sorted(per_partition.items())),
         "duplicate_ids": len(duplicates),
         "calibration": calibration_info or ("reused" if wanted.calibration else None),
+        "int8_clipping": clipping,
+        "int8_drift": bool(clipping and clipping["drift"]),
         "actors": compute.actors,
         "device": compute.device,
         "startup_seconds": round((first_write_at or time.monotonic()) - started, 3),

@@ -21,13 +21,16 @@ from reembed.store import F_HASH, F_ID, F_PARTITION, F_TEXT, F_VECTOR, MilvusSto
 logger = logging.getLogger(__name__)
 
 C_VECTOR = "vector"
-# Columns of the writer's summary: one "written" row per partition per batch, one "rejected" row
-# per bad document (with where it came from and the raw record).
-SUMMARY_COLUMNS = ("kind", "partition", "count", "id", "source", "reason", "raw")
+# int8 values clipped in each row (0 for floats): the driver checks the calibration still fits.
+C_CLIPPED = "clipped"
+# Columns of the writer's summary: one "written" row per partition per batch (with the values
+# clipped in it), one "rejected" row per bad document (with where it came from and the raw record).
+SUMMARY_COLUMNS = ("kind", "partition", "count", "id", "source", "reason", "raw", "clipped")
 
 
 class DocumentEncoder:
-    """Embeds the good documents of a batch; adds a `vector` column (int8 codes or float32).
+    """Embeds the good documents of a batch; adds a `vector` column (int8 codes or float32) and a
+    `clipped` column (int8 values clipped in the row).
 
     With no calibration and precision int8, it returns floats: that is the calibration sample.
     Rejected rows get a zero vector and are never shown to the model.
@@ -50,11 +53,17 @@ class DocumentEncoder:
         good = batch[C_REJECT] == ""
         n, d = len(good), self.embedder.dimension
         vectors = np.zeros((n, d), dtype=np.int8 if self.emit_codes else np.float32)
+        clipped = np.zeros(n, dtype=np.int32)
         if good.any():
             floats = self.embedder.encode_documents(batch[C_TEXT][good].tolist())
-            vectors[good] = self.calibration.quantize(floats) if self.emit_codes else floats
+            if self.emit_codes:
+                vectors[good] = self.calibration.quantize(floats)
+                clipped[good] = self.calibration.clipped_per_row(floats)
+            else:
+                vectors[good] = floats
         out = dict(batch)
         out[C_VECTOR] = vectors
+        out[C_CLIPPED] = clipped
         return out
 
 
@@ -83,7 +92,7 @@ class BatchWriter:
             if reason:
                 for col, value in zip(
                     SUMMARY_COLUMNS,
-                    ("rejected", "", 0, batch[C_ID][i], batch[C_SOURCE][i], reason, batch[C_RAW][i]),
+                    ("rejected", "", 0, batch[C_ID][i], batch[C_SOURCE][i], reason, batch[C_RAW][i], 0),
                     strict=True,
                 ):
                     summary[col].append(value)
@@ -105,6 +114,9 @@ class BatchWriter:
             written = self.store.upsert(self.collection, partition, payload)
             if self.partition_by_field:
                 self.store.delete_ids_outside(self.collection, partition, [p[F_ID] for p in payload])
-            for col, value in zip(SUMMARY_COLUMNS, ("written", partition, written, "", "", "", ""), strict=True):
+            clipped = int(batch[C_CLIPPED][rows].sum()) if C_CLIPPED in batch else 0
+            for col, value in zip(
+                SUMMARY_COLUMNS, ("written", partition, written, "", "", "", "", clipped), strict=True
+            ):
                 summary[col].append(value)
         return summary
