@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.backfill import run as run_backfill
 from reembed.config import BackfillConfig, EvaluateConfig, load_settings
 from reembed.errors import CapabilityError, ReembedError
 from reembed.evaluation import (
@@ -62,6 +63,8 @@ logger = logging.getLogger("jobs.evaluate")
 FLOAT32_MAX_NDCG_GAP = 0.005
 INT8_MIN_RATIO = 0.995
 BINARY_RERANK_MIN_RATIO = 0.99
+# Re-rank depths (k x multiplier) compared in memory, to choose --rescore-multiplier from numbers.
+RERANK_DEPTH_MULTIPLIERS = (1, 2, 4, 10, 20)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +108,6 @@ def collection_names(prefix: str) -> dict[str, str]:
 
 def backfill_float32(cfg: EvaluateConfig, uri: str, collection: str) -> dict[str, Any]:
     """The real job, float32: the vectors every precision is then made from."""
-    from jobs import backfill
-
     job = BackfillConfig(
         input=str(Path(cfg.beir) / "corpus.jsonl"),
         precision="float32",
@@ -122,7 +123,7 @@ def backfill_float32(cfg: EvaluateConfig, uri: str, collection: str) -> dict[str
         batch_size=cfg.batch_size,
         output_dir=cfg.output_dir,
     )
-    return backfill.run(job)
+    return run_backfill(job)
 
 
 def _scores(run: dict[str, list[str]], qrels: dict, k: int) -> dict[str, float]:
@@ -257,6 +258,16 @@ def _evaluate(
         if "refused" not in row:
             row[f"ndcg@{TOP_K}_ratio_to_float32"] = round(row[f"ndcg@{TOP_K}"] / reference, 4) if reference else None
 
+    # How deep re-ranking must reach: nDCG@10 of the re-rank modes in memory for several multipliers.
+    rerank_modes = [name for name in modes if name.endswith("+rerank")]
+    rerank_depth = {
+        str(mult): {
+            name: round(_scores(run_from_indices(ranked, query_ids, doc_ids), qrels, TOP_K)[f"ndcg@{TOP_K}"], 4)
+            for name, ranked in in_memory_rankings(q_floats, docs, calibration, mult, TOP_K, rerank_modes).items()
+        }
+        for mult in RERANK_DEPTH_MULTIPLIERS
+    }
+
     sweep: list[dict[str, Any]] = []
     plot_path = None
     if cfg.sweep:
@@ -288,6 +299,7 @@ def _evaluate(
         "results": results,
         "targets": _targets(exact, results),
         "calibration": calibration_report,
+        "rerank_depth_in_memory": rerank_depth,
         "hnsw_sweep": sweep,
         "plot": plot_path,
         "timings": {

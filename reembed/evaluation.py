@@ -407,6 +407,13 @@ def format_report(report: Mapping[str, Any]) -> str:
         verdict = "n/a" if target["met"] is None else ("met" if target["met"] else "NOT met")
         value = "" if target["value"] is None else f"{target['value']:.4f}"
         lines.append(f"target {target['name']}: {value} (want {target['want']}): {verdict}")
+    depth = report.get("rerank_depth_in_memory") or {}
+    if depth:
+        cells = [
+            f"x{mult}: " + ", ".join(f"{name} {ndcg:.4f}" for name, ndcg in by_mode.items())
+            for mult, by_mode in depth.items()
+        ]
+        lines.append(f"re-rank depth k x multiplier, nDCG@{TOP_K} in memory: " + "; ".join(cells))
     sweep = report.get("hnsw_sweep") or []
     if sweep:
         rows = [["M", "efC", "ef", "ann_recall@10", "p50 ms", "p95 ms", "build s", "memory MiB", "estimate MiB"]]

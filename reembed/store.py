@@ -348,6 +348,9 @@ class MilvusStore:
 
     def drop_collection(self, name: str) -> None:
         self._call("drop_collection", self.client.drop_collection, name)
+        # A collection made again under this name starts unloaded and with only its default partition.
+        self._loaded.discard(name)
+        self._known_partitions.pop(name, None)
 
     def load(self, name: str) -> None:
         """Load a collection for search and query (Milvus serves neither from a released one)."""

@@ -6,7 +6,7 @@ import numpy as np
 
 from reembed.documents import DocumentSpec, normalize_json_lines
 from reembed.embedder import describe_model
-from reembed.ingest import C_VECTOR, BatchWriter, DocumentEncoder
+from reembed.ingest import C_CLIPPED, C_VECTOR, BatchWriter, DocumentEncoder
 from reembed.quantize import fit_int8
 from reembed.store import CollectionIdentity, MilvusStore
 
@@ -22,9 +22,12 @@ def test_encoder_then_writer_upserts_good_rows_and_reports_rejects(tmp_path):
 
     floats = DocumentEncoder(source, "int8", None, device="cpu")(batch)[C_VECTOR]
     assert floats.dtype == np.float32 and not floats[5].any()  # calibration mode: floats, reject zeroed
-    cal = fit_int8(floats[:5], "global")
+    # Fitted on two documents at a low quantile, the scale clips values of the other three.
+    cal = fit_int8(floats[:2], "global", quantile=0.9)
     out = DocumentEncoder(source, "int8", cal.to_json(), device="cpu")(batch)
     assert out[C_VECTOR].dtype == np.int8 and np.array_equal(out[C_VECTOR][:5], cal.quantize(floats[:5]))
+    clipped = cal.clipped_per_row(floats[:5])
+    assert clipped.sum() > 0 and out[C_CLIPPED].tolist() == [*clipped.tolist(), 0]  # the reject clips nothing
 
     uri = str(tmp_path / "unit.db")
     store = MilvusStore(uri)
@@ -42,6 +45,7 @@ def test_encoder_then_writer_upserts_good_rows_and_reports_rejects(tmp_path):
         p: n for k, p, n in zip(summary["kind"], summary["partition"], summary["count"], strict=True) if k == "written"
     }
     assert sum(written.values()) == 5 and set(written) <= {"part_0000", "part_0001"}
+    assert sum(summary["clipped"]) == clipped.sum()  # per partition, summed by the driver
     rejected = [r for k, r in zip(summary["kind"], summary["reason"], strict=True) if k == "rejected"]
     assert len(rejected) == 1 and rejected[0].startswith("missing text")
     assert store.count("c") == 5
