@@ -42,6 +42,7 @@ from reembed.evaluation import (
     encoded_identity,
     evaluate_mode,
     format_report,
+    hnsw_params,
     hnsw_sweep_point,
     in_memory_rankings,
     load_indexed,
@@ -246,6 +247,8 @@ def _evaluate(
         row["collection"] = mode.collection
         row["vector_type"] = mode.codec.identity.vector_type
         row["index"] = {key: indexes[kind].get(key) for key in ("index_type", "metric_type")}
+        if kind != "binary":
+            row["index"].update(hnsw_params(indexes[kind]))
         row["rescore_multiplier"] = mode.rescore_multiplier
         mem = {
             **_scores(run_from_indices(in_memory[TOP_K][name], query_ids, doc_ids), qrels, TOP_K),

@@ -17,15 +17,18 @@ vectors) and takes it from there with the pieces here, without embedding a docum
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from reembed.errors import ReembedError
 from reembed.metrics import evaluate, exact_search, hamming_search, rescore
 from reembed.quantize import RERANK_ENCODING, Int8Calibration, binarize, encode_rerank_vectors, rerank_text_bytes
 from reembed.search import QueryCodec, search_collection, search_reranked
@@ -257,6 +260,15 @@ def hnsw_memory_estimate(n: int, dimension: int, m: int) -> int:
     return level0 + upper
 
 
+def hnsw_params(index: Mapping[str, Any]) -> dict[str, int | None]:
+    """M and efConstruction of an index description, nested under "params" or not (servers differ)."""
+    params = index.get("params") or {}
+    if isinstance(params, str):
+        params = json.loads(params)
+    found = {key: params.get(key, index.get(key)) for key in ("M", "efConstruction")}
+    return {key: None if value is None else int(value) for key, value in found.items()}
+
+
 def hnsw_sweep_point(
     store: MilvusStore,
     name: str,
@@ -289,9 +301,16 @@ def hnsw_sweep_point(
         t0 = time.perf_counter()
         store.create_vector_index(name, identity)
         desc = store.wait_for_index(name)
-        build_s = time.perf_counter() - t0
-        store.load(name)
+        t1 = time.perf_counter()
+        store.load(name)  # Milvus Lite builds its index here, a server only reads it
+        t2 = time.perf_counter()
         memory = store.loaded_memory_bytes(name)
+        built = hnsw_params(desc)
+        if built != {"M": m, "efConstruction": ef_construction}:
+            raise ReembedError(
+                f"Milvus describes the sweep's index with {built}, not M={m}, efConstruction={ef_construction}: "
+                "it did not build what was asked"
+            )
         points = []
         for ef in efs:
             for i in range(min(WARMUP_QUERIES, len(query_floats))):
@@ -310,7 +329,8 @@ def hnsw_sweep_point(
                     f"ann_recall@{k}": round(float(np.mean(shares)), 4),
                     "search_ms_p50": percentile_ms(latencies, 50),
                     "search_ms_p95": percentile_ms(latencies, 95),
-                    "build_s": round(build_s, 3),
+                    "build_s": round(t1 - t0, 3),
+                    "load_s": round(t2 - t1, 3),
                     "index_type": desc.get("index_type", "HNSW"),
                     "memory_bytes": memory,
                     "memory_bytes_estimate": hnsw_memory_estimate(len(corpus.ids), corpus.dimension, m),
@@ -347,6 +367,7 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], path: str, title: str, k: in
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -416,7 +437,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(f"re-rank depth k x multiplier, nDCG@{TOP_K} in memory: " + "; ".join(cells))
     sweep = report.get("hnsw_sweep") or []
     if sweep:
-        rows = [["M", "efC", "ef", "ann_recall@10", "p50 ms", "p95 ms", "build s", "memory MiB", "estimate MiB"]]
+        rows = [["M", "efC", "ef", "ann_recall@10", "p50 ms", "p95 ms", "build s", "load s", "MiB", "estimate MiB"]]
         for p in sweep:
             memory = "" if p["memory_bytes"] is None else f"{p['memory_bytes'] / 2**20:.2f}"
             rows.append(
@@ -428,6 +449,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                     f"{p['search_ms_p50']:.2f}",
                     f"{p['search_ms_p95']:.2f}",
                     f"{p['build_s']:.2f}",
+                    f"{p['load_s']:.2f}",
                     memory,
                     f"{p['memory_bytes_estimate'] / 2**20:.2f}",
                 ]

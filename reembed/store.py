@@ -291,11 +291,11 @@ class MilvusStore:
         if identity.vector_type == "BINARY_VECTOR":
             index.add_index(F_VECTOR, index_type=BINARY_INDEX, metric_type=metric_for(identity.vector_type))
         else:
+            # Nested under "params" (sent as one JSON value): Milvus servers read both forms, but Milvus
+            # Lite reads only this one and silently builds its default M=16, efConstruction=200 otherwise.
+            build = {"M": identity.hnsw["M"], "efConstruction": identity.hnsw["efConstruction"]}
             index.add_index(
-                F_VECTOR,
-                index_type="HNSW",
-                metric_type=metric_for(identity.vector_type),
-                params={"M": identity.hnsw["M"], "efConstruction": identity.hnsw["efConstruction"]},
+                F_VECTOR, index_type="HNSW", metric_type=metric_for(identity.vector_type), params={"params": build}
             )
         return index
 

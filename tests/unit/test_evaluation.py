@@ -11,6 +11,7 @@ from reembed.evaluation import (
     bytes_per_vector,
     format_report,
     hnsw_memory_estimate,
+    hnsw_params,
     in_memory_rankings,
     plot_sweep,
     top_k_overlap,
@@ -48,6 +49,13 @@ def test_top_k_overlap_is_ann_recall_against_the_reference():
 def test_hnsw_memory_estimate_by_hand():
     # n=1000, d=4, M=8: level 0 = 1000 * (16 + 64 + 4 + 8) = 92,000; upper = 125 * (32 + 4) = 4,500
     assert hnsw_memory_estimate(1000, 4, 8) == 96_500
+
+
+def test_hnsw_params_nested_or_flat():
+    assert hnsw_params({"params": {"M": 16, "efConstruction": 64}}) == {"M": 16, "efConstruction": 64}
+    assert hnsw_params({"params": '{"M": "8", "efConstruction": "32"}'}) == {"M": 8, "efConstruction": 32}
+    assert hnsw_params({"M": "32", "efConstruction": "200"}) == {"M": 32, "efConstruction": 200}
+    assert hnsw_params({"index_type": "BIN_FLAT"}) == {"M": None, "efConstruction": None}
 
 
 def unit_rows(n: int, d: int, seed: int) -> np.ndarray:
@@ -107,6 +115,7 @@ def sample_report(binary_refused: bool) -> dict:
                 "search_ms_p50": 1.2,
                 "search_ms_p95": 2.0,
                 "build_s": 1.1,
+                "load_s": 0.5,
                 "memory_bytes": None,
                 "memory_bytes_estimate": 2 << 20,
             }
