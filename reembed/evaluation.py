@@ -342,7 +342,8 @@ def hnsw_sweep_point(
 
 
 def plot_sweep(points: Sequence[Mapping[str, Any]], path: str, title: str, k: int = TOP_K) -> None:
-    """PNG of ANN recall@k against search latency: one line per (M, efConstruction), one dot per ef."""
+    """PNG of the sweep, one line per (M, efConstruction): ANN recall@k against ef (left) and against
+    search latency p50, one dot per ef (right)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write files only
@@ -351,24 +352,31 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], path: str, title: str, k: in
     groups: dict[tuple[int, int], list[Mapping[str, Any]]] = defaultdict(list)
     for p in points:
         groups[(p["M"], p["efConstruction"])].append(p)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (by_ef, by_latency) = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for (m, efc), group in sorted(groups.items()):
         group = sorted(group, key=lambda p: p["ef"])
-        xs = [p["search_ms_p50"] for p in group]
-        ys = [p[f"ann_recall@{k}"] for p in group]
-        (line,) = ax.plot(xs, ys, marker="o", label=f"M={m}, efConstruction={efc}")
-        for p, x, y in zip(group, xs, ys, strict=True):
-            ax.annotate(
-                f"ef={p['ef']}", (x, y), fontsize=6, color=line.get_color(), xytext=(3, -8), textcoords="offset points"
+        recall = [p[f"ann_recall@{k}"] for p in group]
+        (line,) = by_ef.plot([p["ef"] for p in group], recall, marker="o", label=f"M={m}, efConstruction={efc}")
+        latency = [p["search_ms_p50"] for p in group]
+        by_latency.plot(latency, recall, marker="o", color=line.get_color())
+        for p, x, y in zip(group, latency, recall, strict=True):
+            by_latency.annotate(
+                f"{p['ef']}", (x, y), fontsize=6, color=line.get_color(), xytext=(3, -8), textcoords="offset points"
             )
-    ax.set_xlabel("search latency p50 (ms, one query per request)")
-    ax.set_ylabel(f"ANN recall@{k} against exact search")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    by_ef.set_xscale("log", base=2)
+    efs = sorted({p["ef"] for p in points})
+    by_ef.set_xticks(efs, [str(ef) for ef in efs])
+    by_ef.minorticks_off()
+    by_ef.set_xlabel("search ef")
+    by_ef.set_ylabel(f"ANN recall@{k} against exact search")
+    by_ef.legend(fontsize=7, loc="lower right")
+    by_latency.set_xlabel("search latency p50 (ms, one query per request; dots labelled with ef)")
+    for ax in (by_ef, by_latency):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -336,7 +336,7 @@ class MilvusStore:
 
     def loaded_memory_bytes(self, name: str) -> int | None:
         """Memory Milvus reports for the loaded segments of `name` (vectors, index, scalar fields), or
-        None where the server does not report it (Milvus Lite)."""
+        None where the server does not report it (Milvus Lite has no such call; 2.3.5 answers 0)."""
         if self.capabilities.is_lite:
             return None
         try:
