@@ -40,7 +40,7 @@ from reembed.errors import ConfigError, InputDataError, ReembedError
 from reembed.ingest import EMBED_STATUSES, SUMMARY_COLUMNS
 from reembed.inputs import inspect_input
 from reembed.lite import LiteServer, is_lite_uri
-from reembed.quantize import fit_int8
+from reembed.quantize import Int8Calibration, clipping_report, fit_int8
 from reembed.shards import Shard, auto_shard_bytes, plan_shards
 from reembed.state import STATE_FILE, ShardLog, run_key
 from reembed.store import DEFAULT_PARTITION, CollectionIdentity, MilvusStore
@@ -196,6 +196,7 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     docs = pipeline.read_documents(todo, plan.filesystem, spec, duplicates)
 
     calibration_info: dict[str, Any] = {}
+    sample_clipped = 0  # values the sample itself clipped: its documents are written again below
     if cfg.precision == "int8" and not wanted.calibration:
         t = time.monotonic()
         sample = pipeline.sample_embeddings(docs, cfg.calibration_sample, source, compute)
@@ -208,6 +209,7 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
             "sample_clipped_fraction": calibration.clipped_fraction(sample),
             "seconds": round(time.monotonic() - t, 3),
         }
+        sample_clipped = int(calibration.clipped_per_row(sample).sum())
         logger.info("int8 calibration fitted on %d documents", calibration.sample_size)
     if not exists:
         store.create_collection(cfg.collection, wanted, cfg.max_text_bytes)
@@ -239,6 +241,24 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     if cfg.delete_missing:
         deleted = _delete_missing(cfg, spec, plan, todo + done, store, uri)
     counts = progress.counts
+    clipping = None
+    if cfg.precision == "int8" and wanted.calibration:
+        # Documents added after calibration: all of them when it was reused, the rest of the
+        # corpus when it was fitted here (the sample's documents are re-embedded bit-identically).
+        calibration = Int8Calibration.from_json(wanted.calibration)
+        fitted_here = calibration.sample_size if calibration_info else 0
+        after = max(0, progress.written - fitted_here)
+        clipping = clipping_report(calibration, after, max(0, progress.clipped - sample_clipped))
+        if clipping["drift"]:
+            logger.warning(
+                "int8 drift: %.2e of the values of %d documents added after calibration were clipped (more than "
+                "%.0e): their distribution moved away from the %d-document sample the scale was fitted on; "
+                "ranking degrades as clipping grows. Re-embed into a new --collection to fit a new scale.",
+                clipping["clipped_fraction"],
+                clipping["documents"],
+                clipping["drift_threshold"],
+                calibration.sample_size,
+            )
     return {
         "read": progress.rows_read,
         "written": progress.written,
@@ -260,6 +280,8 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "partitions": dict(sorted(progress.per_partition.items())),
         "duplicate_ids": len(duplicates),
         "calibration": calibration_info or ("reused" if wanted.calibration else None),
+        "int8_clipping": clipping,
+        "int8_drift": bool(clipping and clipping["drift"]),
         "actors": compute.actors,
         "device": compute.device,
         "startup_seconds": round((progress.first_write_at or time.monotonic()) - started, 3),
@@ -313,6 +335,7 @@ class RunProgress:
         self.per_partition: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.written = self.rejected = self.rows_read = 0
+        self.clipped = 0  # int8 values clipped in the rows written
         self.first_write_at: float | None = None
         self.last_checkpoint = time.monotonic()
         self.run_id = run_dir.name
@@ -322,7 +345,7 @@ class RunProgress:
     def consume(self, batches, started: float) -> None:
         last_log = time.monotonic()
         for batch in batches:
-            for kind, shard, part, count, written, doc_id, reason, raw in zip(
+            for kind, shard, part, count, written, doc_id, reason, raw, clipped in zip(
                 *(batch[c] for c in SUMMARY_COLUMNS), strict=True
             ):
                 count = int(count)
@@ -343,6 +366,7 @@ class RunProgress:
                         self.first_write_at = self.first_write_at or time.monotonic()
                         self.written += int(written)
                         self.per_partition[str(part)] += int(written)
+                        self.clipped += int(clipped)
                 if shard in self.expected and self.seen[shard] == self.expected[shard]:
                     self.finished.append((self.shards[shard], self.expected.pop(shard)))
                     self.completed.add(shard)

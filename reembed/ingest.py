@@ -49,7 +49,9 @@ C_VECTOR = "vector"
 EMBED_STATUSES = (S_NEW, S_CHANGED, S_MOVED)
 # Columns of the writer's summary, one row per (shard, status, partition) per batch, one per
 # rejected document (with its id, reason and raw record), one per end-of-shard or error marker.
-SUMMARY_COLUMNS = ("kind", "shard", "partition", "count", "written", "id", "reason", "raw")
+# int8 values clipped in each row (0 for floats): the driver checks the calibration still fits.
+C_CLIPPED = "clipped"
+SUMMARY_COLUMNS = ("kind", "shard", "partition", "count", "written", "id", "reason", "raw", "clipped")
 
 
 def embed_mask(statuses: np.ndarray, embed_statuses: tuple[str, ...]) -> np.ndarray:
@@ -98,7 +100,8 @@ class ChangeDetector:
 
 
 class DocumentEncoder:
-    """Embeds the rows to (re-)embed; adds a `vector` column (int8 codes or float32).
+    """Embeds the rows to (re-)embed; adds a `vector` column (int8 codes or float32) and a
+    `clipped` column (int8 values clipped in the row).
 
     With no calibration and precision int8, it returns floats: that is the calibration sample.
     Other rows (rejects, unchanged, end-of-shard markers) get a zero vector and never reach the model.
@@ -123,11 +126,17 @@ class DocumentEncoder:
         todo = embed_mask(batch[C_STATUS], self.embed_statuses)
         n, d = len(todo), self.embedder.dimension
         vectors = np.zeros((n, d), dtype=np.int8 if self.emit_codes else np.float32)
+        clipped = np.zeros(n, dtype=np.int32)
         if todo.any():
             floats = self.embedder.encode_documents(batch[C_TEXT][todo].tolist())
-            vectors[todo] = self.calibration.quantize(floats) if self.emit_codes else floats
+            if self.emit_codes:
+                vectors[todo] = self.calibration.quantize(floats)
+                clipped[todo] = self.calibration.clipped_per_row(floats)
+            else:
+                vectors[todo] = floats
         out = dict(batch)
         out[C_VECTOR] = vectors
+        out[C_CLIPPED] = clipped
         return out
 
 
@@ -152,14 +161,16 @@ class BatchWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
 
-        def emit(kind, shard, partition="", count=1, written=0, doc_id="", reason="", raw=""):
+        def emit(kind, shard, partition="", count=1, written=0, doc_id="", reason="", raw="", clipped=0):
             for col, value in zip(
-                SUMMARY_COLUMNS, (kind, shard, partition, count, written, doc_id, reason, raw), strict=True
+                SUMMARY_COLUMNS, (kind, shard, partition, count, written, doc_id, reason, raw, clipped), strict=True
             ):
                 summary[col].append(value)
 
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)  # (partition, status) -> rows
         counts: dict[tuple[str, str, str], int] = defaultdict(int)  # (shard, status, partition) -> rows
+        clipped: dict[tuple[str, str, str], int] = defaultdict(int)  # same key -> int8 values clipped
+        row_clipped = batch[C_CLIPPED] if C_CLIPPED in batch else np.zeros(len(batch[C_STATUS]), dtype=np.int32)
         for i, status in enumerate(batch[C_STATUS]):
             shard = batch[C_SHARD][i]
             if status == S_REJECTED:
@@ -170,11 +181,13 @@ class BatchWriter:
                 emit(S_ERROR, shard, reason=batch[C_REJECT][i])
             else:
                 counts[(shard, status, batch[C_PARTITION][i])] += 1
+                clipped[(shard, status, batch[C_PARTITION][i])] += int(row_clipped[i])
                 if status in self.embed_statuses:
                     groups[(batch[C_PARTITION][i], status)].append(i)
         written_rows = self._write(batch, groups)
         for (shard, status, partition), n in counts.items():
-            emit(status, shard, partition, count=n, written=n if status in self.embed_statuses else 0)
+            written = n if status in self.embed_statuses else 0
+            emit(status, shard, partition, count=n, written=written, clipped=clipped[(shard, status, partition)])
         if written_rows != sum(len(r) for r in groups.values()):
             raise RuntimeError(f"Milvus acknowledged {written_rows} rows of {sum(len(r) for r in groups.values())}")
         return summary

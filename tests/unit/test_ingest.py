@@ -18,7 +18,7 @@ from reembed.documents import (
     with_shard,
 )
 from reembed.embedder import describe_model
-from reembed.ingest import C_VECTOR, EMBED_STATUSES, BatchWriter, ChangeDetector, DocumentEncoder
+from reembed.ingest import C_CLIPPED, C_VECTOR, EMBED_STATUSES, BatchWriter, ChangeDetector, DocumentEncoder
 from reembed.quantize import fit_int8
 from reembed.store import CollectionIdentity, MilvusStore
 
@@ -63,15 +63,19 @@ def test_encoder_then_writer_upserts_good_rows_and_reports_rejects(tmp_path, min
 
     floats = DocumentEncoder(source, "int8", None, device="cpu")(batch)[C_VECTOR]
     assert floats.dtype == np.float32 and not floats[5].any()  # calibration mode: floats, reject zeroed
-    cal = fit_int8(floats[:5], "global")
+    # Fitted on two documents at a low quantile, the scale clips values of the other three.
+    cal = fit_int8(floats[:2], "global", quantile=0.9)
     out = DocumentEncoder(source, "int8", cal.to_json(), device="cpu")(batch)
     assert out[C_VECTOR].dtype == np.int8 and np.array_equal(out[C_VECTOR][:5], cal.quantize(floats[:5]))
+    clipped = cal.clipped_per_row(floats[:5])
+    assert clipped.sum() > 0 and out[C_CLIPPED].tolist() == [*clipped.tolist(), 0]  # the reject clips nothing
 
     uri = str(tmp_path / "unit.db")
     store, identity = make_collection(uri, ident, cal, {"scheme": "hash", "partitions": 2})
     summary = BatchWriter(uri, None, "c", "FLOAT_VECTOR", 1000)(out)
     written = by_kind(summary, S_NEW)
     assert sum(w for _, _, w in written) == 5 and {p for p, _, _ in written} <= {"part_0000", "part_0001"}
+    assert sum(summary["clipped"]) == clipped.sum()  # per (shard, status, partition), summed by the driver
     rejected = [r for k, r in zip(summary["kind"], summary["reason"], strict=True) if k == S_REJECTED]
     assert len(rejected) == 1 and rejected[0].startswith("missing text")
     assert set(summary["shard"]) == {"s#0-1"}
