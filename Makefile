@@ -29,3 +29,5 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/backfill_throughput.py
+	$(PY) benchmarks/serve_latency.py
+	$(PY) benchmarks/incremental.py

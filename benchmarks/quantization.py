@@ -41,7 +41,7 @@ import numpy as np
 from reembed.config import DEFAULT_MODEL, BackfillConfig
 from reembed.documents import C_ID, C_REJECT, C_TEXT, DocumentSpec, normalize_record
 from reembed.embedder import Embedder, resolve_model
-from reembed.metrics import evaluate, exact_search, load_beir
+from reembed.metrics import evaluate, exact_search, hamming_search, load_beir, rescore, top_k_agreement
 from reembed.quantize import binarize, fit_int8
 
 logger = logging.getLogger("benchmarks.quantization")
@@ -53,10 +53,6 @@ DEPTH = 100
 KS = (TOP_K, DEPTH)
 TABLE_METRICS = (f"ndcg@{TOP_K}", f"recall@{TOP_K}", f"recall@{DEPTH}", f"mrr@{TOP_K}")
 REFERENCE = "float32"
-# Popcount of every byte value: Hamming distance on packed bits without numpy>=2's bitwise_count.
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-# Query rows per Hamming block: the (queries, docs, bytes) XOR array stays a few MB per 1k docs.
-_HAMMING_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -89,27 +85,6 @@ class MinMaxCalibration:
 
     def clipped_fraction(self, x: np.ndarray) -> float:
         return float(np.mean((x < self.low) | (x > self.high)))
-
-
-def hamming_search(query_bits: np.ndarray, doc_bits: np.ndarray, k: int) -> np.ndarray:
-    """Top-k documents by smallest Hamming distance: packed uint8 (nq, d/8), (nd, d/8) -> int64 (nq, k).
-
-    Ties keep the lower document index first, as `exact_search` does.
-    """
-    k = min(k, doc_bits.shape[0])
-    out = np.empty((query_bits.shape[0], k), dtype=np.int64)
-    for start in range(0, query_bits.shape[0], _HAMMING_CHUNK):
-        block = query_bits[start : start + _HAMMING_CHUNK, None, :] ^ doc_bits[None, :, :]
-        distances = _POPCOUNT[block].sum(axis=2, dtype=np.int32)
-        out[start : start + _HAMMING_CHUNK] = np.argsort(distances, axis=1, kind="stable")[:, :k]
-    return out
-
-
-def rescore(query_vecs: np.ndarray, doc_vecs: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
-    """Re-rank each query's candidate indices (nq, c) by float inner product; keep the best k."""
-    scores = np.einsum("qd,qcd->qc", query_vecs, doc_vecs[candidates])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(candidates, order, axis=1)
 
 
 def read_documents(corpus: dict[str, dict], source: str) -> tuple[list[str], list[str]]:
@@ -172,13 +147,6 @@ def build_modes(
         )
     )
     return modes
-
-
-def top_k_agreement(result: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(share of queries whose top-k set equals the reference's, mean share of the top k shared)."""
-    same = [set(a) == set(b) for a, b in zip(result.tolist(), reference.tolist(), strict=True)]
-    overlap = [len(set(a) & set(b)) / len(b) for a, b in zip(result.tolist(), reference.tolist(), strict=True)]
-    return float(np.mean(same)), float(np.mean(overlap))
 
 
 def format_table(report: dict) -> str:

@@ -14,9 +14,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,12 +25,25 @@ from typing import Any
 
 from reembed import bulk
 from reembed.config import BackfillConfig, load_settings
-from reembed.documents import DocumentSpec, hash_partition_name
+from reembed.documents import (
+    S_CHANGED,
+    S_EOF,
+    S_ERROR,
+    S_MOVED,
+    S_NEW,
+    S_REJECTED,
+    S_UNCHANGED,
+    DocumentSpec,
+    hash_partition_name,
+)
 from reembed.embedder import describe_model
-from reembed.errors import ConfigError, ReembedError
+from reembed.errors import ConfigError, InputDataError, ReembedError
+from reembed.ingest import EMBED_STATUSES, SUMMARY_COLUMNS
 from reembed.inputs import inspect_input
 from reembed.lite import LiteServer, is_lite_uri
-from reembed.quantize import fit_int8
+from reembed.quantize import Int8Calibration, clipping_report, fit_int8
+from reembed.shards import Shard, auto_shard_bytes, plan_shards
+from reembed.state import STATE_FILE, ShardLog, run_key
 from reembed.store import DEFAULT_PARTITION, CollectionIdentity, MilvusStore
 
 logger = logging.getLogger("jobs.backfill")
@@ -77,7 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
         "absolute paths, for a server with local storage",
     )
     p.add_argument("--bulk-file-rows", type=int, help="bulk: rows per staged batch of Parquet files")
-    p.add_argument("--output-dir", help="where run manifests and rejects go (default ./data/runs)")
+    p.add_argument("--output-dir", help="run manifests, rejects and the resume record (default ./data/runs)")
+    p.add_argument(
+        "--full", action="store_true", default=None, help="re-embed every document, not only new and changed ones"
+    )
+    p.add_argument(
+        "--delete-missing",
+        action="store_true",
+        default=None,
+        help="delete stored documents that the input no longer has",
+    )
+    p.add_argument("--max-delete-fraction", type=float, help="refuse to delete more than this share (default 0.5)")
+    p.add_argument("--shard-bytes", type=int, help="input bytes per shard (default: about 8 shards per actor)")
+    p.add_argument("--checkpoint-interval-s", type=float, help="seconds between flushes that record finished shards")
     return p
 
 
@@ -93,7 +119,15 @@ def _init_ray() -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    except Exception as exc:  # seen here: a local GCS that now and then misses its start-up deadline
+        if address:
+            raise
+        logger.warning("starting a local Ray failed (%s); trying once more", exc)
+        ray.shutdown()
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
@@ -167,12 +201,17 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         cfg.actors, cfg.device, cfg.batch_size, cfg.writers, cfg.write_batch_rows, cfg.threads_per_actor, shape
     )
     logger.info("compute: %d %s actor(s), %d writer(s)", compute.actors, compute.device, compute.writers)
-    duplicates = pipeline.count_duplicate_ids(pipeline.read_documents(plan, spec), plan.total_bytes)
+    shard_bytes = cfg.shard_bytes or auto_shard_bytes(plan.total_bytes, compute.actors)
+    log = _shard_log(cfg, spec, store, wanted) if exists else None
+    todo, done = plan_shards(plan, shard_bytes, None if cfg.full else log)
+    logger.info("%d shard(s) to read, %d already done (resume record %s)", len(todo), len(done), _state_path(cfg))
+    duplicates = pipeline.count_duplicate_ids(pipeline.read_documents(todo, plan.filesystem, spec), plan.total_bytes)
     if duplicates:
         logger.warning("%d ids appear more than once in the input: every copy is rejected", len(duplicates))
-    docs = pipeline.read_documents(plan, spec, duplicates)
+    docs = pipeline.read_documents(todo, plan.filesystem, spec, duplicates)
 
     calibration_info: dict[str, Any] = {}
+    sample_clipped = 0  # values the sample itself clipped: its documents are written again below
     if cfg.precision == "int8" and not wanted.calibration:
         t = time.monotonic()
         sample = pipeline.sample_embeddings(docs, cfg.calibration_sample, source, compute)
@@ -185,16 +224,21 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
             "sample_clipped_fraction": calibration.clipped_fraction(sample),
             "seconds": round(time.monotonic() - t, 3),
         }
+        sample_clipped = int(calibration.clipped_per_row(sample).sum())
         logger.info("int8 calibration fitted on %d documents", calibration.sample_size)
     if not exists:
         store.create_collection(cfg.collection, wanted, cfg.max_text_bytes)
+        log = _shard_log(cfg, spec, store, wanted)
     if not spec.partition_by:
         names = (
             [DEFAULT_PARTITION] if spec.partitions <= 1 else [hash_partition_name(i) for i in range(spec.partitions)]
         )
         store.ensure_partitions(cfg.collection, names)
 
-    vectors = pipeline.embed(docs, source, cfg.precision, wanted.calibration, compute)
+    embed_statuses = (*EMBED_STATUSES, S_UNCHANGED) if cfg.full else EMBED_STATUSES
+    if exists:  # a new collection holds nothing to compare with
+        docs = pipeline.detect_changes(docs, uri, cfg.milvus_token, cfg.collection, cfg.full, compute)
+    vectors = pipeline.embed(docs, source, cfg.precision, wanted.calibration, compute, embed_statuses)
     staging = bulk.staging_dir(cfg.bulk_dir, cfg.collection) if cfg.write_mode == "bulk" else None
     if staging:
         results = pipeline.stage_bulk(
@@ -215,76 +259,259 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
             cfg.collection,
             wanted.vector_type,
             cfg.max_text_bytes,
-            bool(spec.partition_by),
             compute,
+            embed_statuses,
         )
-    staged: dict[str, list[str]] = {}
     run_dir = _run_dir(cfg)
-    rejects_path = run_dir / "rejects.jsonl"
-    per_partition: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    rejected = 0
-    first_write_at = None
-    last_log = time.monotonic()
-    with open(rejects_path, "w") as rejects:
-        for batch in pipeline.iter_summaries(results):
-            for kind, part, count, doc_id, src, reason, raw in zip(
-                batch["kind"],
-                batch["partition"],
-                batch["count"],
-                batch["id"],
-                batch["source"],
-                batch["reason"],
-                batch["raw"],
-                strict=True,
-            ):
-                if kind in ("written", bulk.KIND_STAGED):
-                    first_write_at = first_write_at or time.monotonic()
-                    per_partition[str(part)] += int(count)
-                    if kind == bulk.KIND_STAGED:
-                        staged.setdefault(str(part), []).extend(json.loads(src))
-                else:
-                    rejected += 1
-                    reasons[str(reason).split(":")[0]] += 1
-                    rejects.write(
-                        json.dumps({"id": doc_id, "source": src, "reason": reason, "raw": raw}, ensure_ascii=False)
-                        + "\n"
-                    )
-            if time.monotonic() - last_log > PROGRESS_EVERY_S:
-                last_log = time.monotonic()
-                done = sum(per_partition.values())
-                logger.info(
-                    "progress: %d written, %d rejected, %.1f docs/s", done, rejected, done / (last_log - started)
-                )
-    written = sum(per_partition.values())
+    # Staged rows are durable only once imported: with bulk, no shard is recorded before the import.
+    interval = float("inf") if staging else cfg.checkpoint_interval_s
+    progress = RunProgress(store, cfg.collection, log, todo, run_dir, interval)
     bulk_info = None
-    if staging:
-        bulk_info = bulk.import_staged(
-            store, cfg.collection, staged, staging, written, cfg.bulk_storage_root, cfg.milvus_token
-        )
-    store.flush(cfg.collection)
+    try:
+        progress.consume(pipeline.iter_summaries(results), started)
+        if staging:
+            bulk_info = bulk.import_staged(
+                store,
+                cfg.collection,
+                progress.staged,
+                staging,
+                progress.written,
+                cfg.bulk_storage_root,
+                cfg.milvus_token,
+            )
+        progress.checkpoint()
+    except Exception as exc:
+        if not staging:
+            progress.checkpoint()  # keep what finished: a rerun resumes from there
+        raise _job_failure(exc, progress) from exc
+    finally:
+        progress.close()
+    deleted = 0
+    if cfg.delete_missing:
+        deleted = _delete_missing(cfg, spec, plan, todo + done, store, uri)
+    counts = progress.counts
+    clipping = None
+    if cfg.precision == "int8" and wanted.calibration:
+        # Documents added after calibration: all of them when it was reused, the rest of the
+        # corpus when it was fitted here (the sample's documents are re-embedded bit-identically).
+        calibration = Int8Calibration.from_json(wanted.calibration)
+        fitted_here = calibration.sample_size if calibration_info else 0
+        after = max(0, progress.written - fitted_here)
+        clipping = clipping_report(calibration, after, max(0, progress.clipped - sample_clipped))
+        if clipping["drift"]:
+            logger.warning(
+                "int8 drift: %.2e of the values of %d documents added after calibration were clipped (more than "
+                "%.0e): their distribution moved away from the %d-document sample the scale was fitted on; "
+                "ranking degrades as clipping grows. Re-embed into a new --collection to fit a new scale.",
+                clipping["clipped_fraction"],
+                clipping["documents"],
+                clipping["drift_threshold"],
+                calibration.sample_size,
+            )
     return {
-        "read": written + rejected,
-        "written": written,
-        "rejected": rejected,
-        "rejected_by_reason": dict(reasons),
+        "read": progress.rows_read,
+        "written": progress.written,
+        "rejected": progress.rejected,
+        "rejected_by_reason": dict(progress.reasons),
+        "new": counts[S_NEW],
+        "changed": counts[S_CHANGED] + counts[S_MOVED],
+        "moved": counts[S_MOVED],
+        "unchanged": counts[S_UNCHANGED],
+        "deleted": deleted,
+        "embedded": progress.written,
+        "shards": {"total": len(todo) + len(done), "read": len(todo), "skipped": len(done), "bytes": shard_bytes},
         "collection": cfg.collection,
         "model": source.name,
         "model_revision": source.revision,
         "precision": cfg.precision,
         "vector_type": wanted.vector_type,
         "milvus": store.capabilities.version,
-        "partitions": dict(sorted(per_partition.items())),
+        "partitions": dict(sorted(progress.per_partition.items())),
         "duplicate_ids": len(duplicates),
         "calibration": calibration_info or ("reused" if wanted.calibration else None),
         "write_mode": cfg.write_mode,
         "bulk_import": bulk_info,
+        "int8_clipping": clipping,
+        "int8_drift": bool(clipping and clipping["drift"]),
         "actors": compute.actors,
         "device": compute.device,
-        "startup_seconds": round((first_write_at or time.monotonic()) - started, 3),
+        "startup_seconds": round((progress.first_write_at or time.monotonic()) - started, 3),
         "run_dir": str(run_dir),
-        "rejects_file": str(rejects_path),
+        "rejects_file": str(progress.rejects_path),
+        "resume_record": str(_state_path(cfg)),
     }
+
+
+def _state_path(cfg: BackfillConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.collection / STATE_FILE
+
+
+def _shard_log(cfg: BackfillConfig, spec: DocumentSpec, store: MilvusStore, identity: CollectionIdentity) -> ShardLog:
+    """The resume record, keyed by everything that decides what a shard's rows become."""
+    key = run_key(
+        {
+            "collection": cfg.collection,
+            "collection_id": store.collection_id(cfg.collection),
+            "model": identity.model,
+            "precision": identity.precision,
+            "calibration": identity.calibration,
+            "spec": [spec.id_field, list(spec.text_fields), spec.partition_by, spec.partitions],
+            "max_text_bytes": cfg.max_text_bytes,
+        }
+    )
+    return ShardLog(_state_path(cfg), key)
+
+
+class RunProgress:
+    """Aggregates the writers' summaries: counts, rejects, and shards seen whole.
+
+    A shard is finished when as many of its rows came back (written, unchanged or rejected) as its
+    end-of-shard marker says it has. Every `interval_s`, and at the end, finished shards are made
+    durable: the rejects file is synced, Milvus is flushed, then the shards go into the resume
+    record, in that order, so a recorded shard is never one whose writes a crash could still lose.
+    """
+
+    def __init__(
+        self, store: MilvusStore, collection: str, log: ShardLog, shards: list[Shard], run_dir: Path, interval_s: float
+    ) -> None:
+        self.store, self.collection, self.log, self.interval_s = store, collection, log, interval_s
+        self.shards = {s.key: s for s in shards}
+        self.seen: Counter[str] = Counter()
+        self.expected: dict[str, int] = {}
+        self.finished: list[tuple[Shard, int]] = []  # complete, not yet flushed and recorded
+        self.completed: set[str] = set()
+        self.failed: dict[str, str] = {}  # shard -> why it could not be read
+        self.recorded = 0
+        self.counts: Counter[str] = Counter()
+        self.per_partition: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.written = self.rejected = self.rows_read = 0
+        self.clipped = 0  # int8 values clipped in the rows written
+        self.staged: dict[str, list[str]] = defaultdict(list)  # bulk: partition -> Parquet files
+        self.first_write_at: float | None = None
+        self.last_checkpoint = time.monotonic()
+        self.run_id = run_dir.name
+        self.rejects_path = run_dir / "rejects.jsonl"
+        self.rejects = open(self.rejects_path, "w")  # noqa: SIM115 (closed in close())
+
+    def consume(self, batches, started: float) -> None:
+        last_log = time.monotonic()
+        for batch in batches:
+            for kind, shard, part, count, written, doc_id, reason, raw, clipped in zip(
+                *(batch[c] for c in SUMMARY_COLUMNS), strict=True
+            ):
+                count = int(count)
+                if kind == S_EOF:
+                    self.expected[shard] = count
+                elif kind == S_ERROR:
+                    self.failed[shard] = str(reason)
+                elif kind == bulk.KIND_STAGED:
+                    self.staged[str(part)].extend(json.loads(raw))
+                elif kind == S_REJECTED:
+                    self._seen(shard, 1)
+                    self.rejected += 1
+                    self.reasons[str(reason).split(":")[0]] += 1
+                    record = {"id": doc_id, "source": self.shards[shard].path, "reason": reason, "raw": raw}
+                    self.rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
+                else:
+                    self._seen(shard, count)
+                    self.counts[kind] += count
+                    if written:
+                        self.first_write_at = self.first_write_at or time.monotonic()
+                        self.written += int(written)
+                        self.per_partition[str(part)] += int(written)
+                        self.clipped += int(clipped)
+                if shard in self.expected and self.seen[shard] == self.expected[shard]:
+                    self.finished.append((self.shards[shard], self.expected.pop(shard)))
+                    self.completed.add(shard)
+            now = time.monotonic()
+            if now - self.last_checkpoint > self.interval_s:
+                self.checkpoint()
+            if now - last_log > PROGRESS_EVERY_S:
+                last_log = now
+                logger.info(
+                    "progress: %d/%d shards, %d read (%d new, %d changed, %d unchanged), %d written, "
+                    "%d rejected, %.1f docs/s",
+                    self.recorded + len(self.finished),
+                    len(self.shards),
+                    self.rows_read,
+                    self.counts[S_NEW],
+                    self.counts[S_CHANGED] + self.counts[S_MOVED],
+                    self.counts[S_UNCHANGED],
+                    self.written,
+                    self.rejected,
+                    self.rows_read / (now - started),
+                )
+        if self.failed:
+            self.checkpoint()  # the shards that did finish are kept
+            first = next(iter(self.failed.values()))
+            raise InputDataError(
+                f"{len(self.failed)} shard(s) could not be read, first {first}. The other "
+                f"{self.recorded} shard(s) are finished and recorded; fix or remove the input and rerun "
+                "the same command to resume"
+            )
+        incomplete = [k for k in self.shards if k not in self.completed]
+        if incomplete:  # the stream ended, yet some shard's rows do not add up: never record it
+            raise ReembedError(
+                f"shard {incomplete[0]}: {self.seen[incomplete[0]]} rows came back of "
+                f"{self.expected.get(incomplete[0], 'an unknown number')}; rerun to redo it"
+            )
+
+    def _seen(self, shard: str, n: int) -> None:
+        self.seen[shard] += n
+        self.rows_read += n
+
+    def checkpoint(self) -> None:
+        """Sync rejects, flush Milvus, then record the shards finished so far."""
+        self.last_checkpoint = time.monotonic()
+        if not self.finished:
+            return
+        self.rejects.flush()
+        os.fsync(self.rejects.fileno())
+        self.store.flush(self.collection)
+        batch, self.finished = self.finished, []
+        self.log.record(batch, self.run_id)
+        self.recorded += len(batch)
+        logger.info("checkpoint: %d shard(s) flushed and recorded (%d in all)", len(batch), self.recorded)
+
+    def close(self) -> None:
+        self.rejects.close()
+
+
+def _job_failure(exc: Exception, progress: RunProgress) -> ReembedError:
+    """The error to stop with: the shard that failed, if the failure names one, and what is kept."""
+    if isinstance(exc, ReembedError):
+        return exc
+    text = str(exc)
+    match = re.search(r"shard (\S+#\d+-\d+)", text)
+    where = f"shard {match.group(1)} failed" if match else "the pipeline failed"
+    last = text.strip().splitlines()[-1] if text.strip() else repr(exc)
+    err = InputDataError if match and "cannot read" in text else ReembedError
+    return err(
+        f"{where}: {last[:500]}. {progress.recorded} shard(s) finished and recorded; "
+        "rerun the same command to resume from there"
+    )
+
+
+def _delete_missing(cfg, spec, plan, shards, store: MilvusStore, uri: str) -> int:
+    """Delete the stored documents whose ids the input no longer names (after a flush)."""
+    from jobs import pipeline
+
+    present = pipeline.input_ids(pipeline.read_documents(shards, plan.filesystem, spec))
+    stored = pipeline.stored_ids(uri, cfg.milvus_token, cfg.collection, store.list_partitions(cfg.collection))
+    gone = pipeline.missing_ids(stored, present, plan.total_bytes)
+    total = store.count(cfg.collection)
+    if total and len(gone) > cfg.max_delete_fraction * total:
+        raise ConfigError(
+            f"delete_missing: {len(gone)} of {total} stored documents are not in the input, more than "
+            f"max_delete_fraction={cfg.max_delete_fraction}; nothing was deleted. Check --input, or raise "
+            "--max-delete-fraction if this is intended"
+        )
+    if gone:
+        store.delete_ids(cfg.collection, gone)
+        store.flush(cfg.collection)
+        logger.info("deleted %d document(s) no longer in the input", len(gone))
+    return len(gone)
 
 
 def _run_dir(cfg: BackfillConfig) -> Path:

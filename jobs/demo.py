@@ -67,8 +67,8 @@ SKIP_FILE_STEMS = frozenset({"conftest", "setup"})
 
 # The backfill summary's fields that go into the demo's final JSON line.
 SUMMARY_KEYS = (
-    "read", "written", "rejected", "docs_per_s", "seconds", "startup_seconds", "collection", "model",
-    "precision", "vector_type", "milvus", "device", "actors", "manifest",
+    "read", "written", "rejected", "new", "changed", "unchanged", "embedded", "docs_per_s", "seconds",
+    "startup_seconds", "collection", "model", "precision", "vector_type", "milvus", "device", "actors", "manifest",
 )  # fmt: skip
 
 F_ID = "_id"

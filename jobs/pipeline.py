@@ -1,8 +1,9 @@
 """The one place that builds the Ray Data pipeline and sets map_batches arguments.
 
-files -> read (tasks) -> normalise + validate (tasks) -> embed + quantise (actor pool, one GPU
-each where there are GPUs) -> upsert into Milvus (writer actors) -> a small summary stream that the
-driver aggregates. Vectors never pass through the driver.
+shards -> read + normalise + validate (tasks) -> find what changed (actors, one Milvus lookup per
+block) -> embed + quantise (actor pool, one GPU each where there are GPUs) -> upsert into Milvus
+(writer actors) -> a small summary stream that the driver aggregates. Vectors never pass
+through the driver.
 """
 
 from __future__ import annotations
@@ -14,30 +15,27 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 import ray
 import ray.data
 
-from reembed.documents import (
-    C_ID,
-    C_REJECT,
-    DocumentSpec,
-    mark_duplicates,
-    normalize_json_lines,
-    normalize_records,
-)
+from reembed.documents import C_ID, C_STATUS, S_NEW, DocumentSpec
 from reembed.embedder import ModelSource
 from reembed.errors import ConfigError
-from reembed.ingest import C_VECTOR, BatchWriter, DocumentEncoder
-from reembed.inputs import InputPlan
+from reembed.ingest import C_VECTOR, EMBED_STATUSES, BatchWriter, ChangeDetector, DocumentEncoder
+from reembed.shards import Shard, read_shard
 
 # Readers and writers mostly wait on I/O; small CPU shares let them run beside the embedding
 # actors, which use every core through torch threads, without Ray starving one of them.
 READ_NUM_CPUS = 0.25
 SHUFFLE_BYTES_PER_PARTITION = 256 << 20
 WRITER_NUM_CPUS = 0.1
-# Rows handed to an embedding actor at once; the embedder buckets them by length inside.
-ROWS_PER_ACTOR_CALL_FACTOR = 4
+DETECTOR_NUM_CPUS = 0.05
+# Rows handed to an embedding actor at once (x batch size); the embedder buckets them by length
+# inside. Small on CPUs so that the last calls of a run spread over every actor; larger on GPUs,
+# which want long queues.
+ROWS_PER_CALL_FACTOR = {"cpu": 1, "cuda": 4}
+MAX_READ_BLOCKS = 20_000
 
 
 @dataclass(frozen=True)
@@ -51,12 +49,21 @@ class ComputePlan:
     write_batch_rows: int
     threads_per_actor: int = 1
 
+    @property
+    def rows_per_call(self) -> int:
+        return self.batch_size * ROWS_PER_CALL_FACTOR.get(self.device, 1)
+
 
 def cluster_shape() -> tuple[float, int, int]:
     """(CPUs, GPUs, alive nodes) of the Ray cluster this driver is connected to."""
     resources = ray.cluster_resources()
     nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
     return float(resources.get("CPU", 1)), int(resources.get("GPU", 0)), nodes
+
+
+def io_reserve_cpus(writers: int) -> float:
+    """CPUs a node keeps free beside the embedding actors: reads, change detectors, writers."""
+    return 2 * READ_NUM_CPUS + writers * (WRITER_NUM_CPUS + DETECTOR_NUM_CPUS) + 0.05
 
 
 def plan_compute(
@@ -81,9 +88,10 @@ def plan_compute(
     else:
         n_actors = actors or max(1, int(cpus // threads))
         per_node = math.ceil(n_actors / nodes)
-        # Leave each node room for a read task, a parse task and the writers (counted as if all
-        # landed on it): if the actors held every CPU, Ray Data could never schedule a read.
-        io_reserve = 2 * READ_NUM_CPUS + writers * WRITER_NUM_CPUS + 0.05
+        # Leave each node room for a read task, a parse task, the change detectors and the writers
+        # (counted as if all landed on it): if the actors held every CPU, Ray Data could never
+        # schedule a read.
+        io_reserve = io_reserve_cpus(writers)
         spare = cpus / nodes - io_reserve
         if spare < 0.05 * per_node:
             raise ConfigError(
@@ -94,7 +102,7 @@ def plan_compute(
         cpus_per_actor = min(float(threads), spare / per_node)
     return ComputePlan(
         actors=n_actors,
-        cpus_per_actor=round(cpus_per_actor, 3),
+        cpus_per_actor=math.floor(cpus_per_actor * 1000) / 1000,  # never round up past the reserve
         gpus_per_actor=1.0 if use_gpu else 0.0,
         device="cuda" if use_gpu else "cpu",
         batch_size=batch_size,
@@ -104,51 +112,36 @@ def plan_compute(
     )
 
 
-def read_documents(plan: InputPlan, spec: DocumentSpec, duplicates: dict[str, int] | None = None) -> ray.data.Dataset:
-    """Input files -> a dataset of DOC_COLUMNS (good documents and rejects side by side)."""
+def read_documents(
+    shards: list[Shard], fs: pafs.FileSystem, spec: DocumentSpec, duplicates: dict[str, int] | None = None
+) -> ray.data.Dataset:
+    """Shards -> a dataset of DOC_COLUMNS: documents, rejects and one end-of-shard row per shard.
+
+    One read task per shard (per few shards past MAX_READ_BLOCKS), each with a small CPU share:
+    Ray's own readers list files in tasks that ask for a whole CPU, which the embedding actors
+    may hold. A shard's rows stay in one block, so a small input still reaches every actor.
+    """
     dup = duplicates or {}
-    parts = []
-    if plan.jsonl_files:
 
-        def from_lines(batch: pa.Table) -> pa.Table:
-            table = normalize_json_lines(batch.column("text").to_pylist(), batch.column("path").to_pylist(), spec)
-            return mark_duplicates(table, dup)
+    def read(batch: pa.Table) -> Iterator[pa.Table]:
+        for text in batch.column("shard").to_pylist():
+            yield from read_shard(fs, Shard.from_json(text), spec, dup)
 
-        lines = ray.data.read_text(
-            plan.jsonl_files, filesystem=plan.filesystem, include_paths=True, num_cpus=READ_NUM_CPUS
-        )
-        parts.append(lines.map_batches(from_lines, batch_format="pyarrow", num_cpus=READ_NUM_CPUS))
-    if plan.parquet_files:
-        wanted = [f for f in {spec.id_field, *spec.text_fields, spec.partition_by} if f and f in plan.fields_seen]
-
-        fs = plan.filesystem
-
-        def from_files(batch: pa.Table):
-            # Each task reads its Parquet files row group by row group. Ray's read_parquet lists
-            # files in a task that asks for a whole CPU, which the embedding actors may hold.
-            for path in batch.column("path").to_pylist():
-                with fs.open_input_file(path) as fh:
-                    parquet = pq.ParquetFile(fh)
-                    columns = [c for c in wanted if c in parquet.schema_arrow.names]
-                    for record_batch in parquet.iter_batches(batch_size=4096, columns=columns):
-                        table = pa.Table.from_batches([record_batch])
-                        yield mark_duplicates(normalize_records(table.to_pylist(), [path] * table.num_rows, spec), dup)
-
-        files = ray.data.from_items(
-            [{"path": p} for p in plan.parquet_files], override_num_blocks=len(plan.parquet_files)
-        )
-        parts.append(files.map_batches(from_files, batch_size=1, batch_format="pyarrow", num_cpus=READ_NUM_CPUS))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    items = ray.data.from_items(
+        [{"shard": s.to_json()} for s in shards], override_num_blocks=max(1, min(len(shards), MAX_READ_BLOCKS))
+    )
+    return items.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
 
 
-def _good_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch.column(C_REJECT), ""))
+def _new_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column(C_STATUS), S_NEW))
 
 
-def good_documents(docs: ray.data.Dataset) -> ray.data.Dataset:
-    """Documents without a reject reason. A map with a small CPU share: Ray's filter would ask for a
-    whole CPU per task, which the embedding actors may already hold, and wait forever."""
-    return docs.map_batches(_good_rows, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
+def new_documents(docs: ray.data.Dataset) -> ray.data.Dataset:
+    """Good documents as read (before change detection), without rejects or end-of-shard rows.
+    A map with a small CPU share: Ray's filter would ask for a whole CPU per task, which the
+    embedding actors may already hold, and wait forever."""
+    return docs.map_batches(_new_rows, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
 
 
 def count_duplicate_ids(docs: ray.data.Dataset, input_bytes: int) -> dict[str, int]:
@@ -157,7 +150,7 @@ def count_duplicate_ids(docs: ray.data.Dataset, input_bytes: int) -> dict[str, i
     A pass over the ids alone (a shuffle of short strings), so that every copy of a repeated id
     is rejected the same way whatever the order in which blocks arrive.
     """
-    ids = good_documents(docs).select_columns([C_ID])
+    ids = new_documents(docs).select_columns([C_ID])
     # Ray's default of 200 shuffle partitions costs seconds of task overhead on a small corpus.
     partitions = max(1, min(200, input_bytes // SHUFFLE_BYTES_PER_PARTITION))
     counts = ids.groupby(C_ID, num_partitions=partitions).count()
@@ -169,8 +162,37 @@ def _repeated_ids(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.greater(batch.column("count()"), 1))
 
 
+def detect_changes(
+    docs: ray.data.Dataset,
+    uri: str,
+    token: str | None,
+    collection: str,
+    keep_unchanged_text: bool,
+    compute: ComputePlan,
+) -> ray.data.Dataset:
+    """Mark rows unchanged / changed / moved against the collection: one lookup per block."""
+    return docs.map_batches(
+        ChangeDetector,
+        fn_constructor_kwargs={
+            "uri": uri,
+            "token": token,
+            "collection": collection,
+            "keep_unchanged_text": keep_unchanged_text,
+        },
+        batch_size=None,  # a block at a time: blocks stay shard-sized for the embedding actors
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=compute.writers),
+        num_cpus=DETECTOR_NUM_CPUS,
+    )
+
+
 def embed(
-    docs: ray.data.Dataset, source: ModelSource, precision: str, calibration_json: str | None, compute: ComputePlan
+    docs: ray.data.Dataset,
+    source: ModelSource,
+    precision: str,
+    calibration_json: str | None,
+    compute: ComputePlan,
+    embed_statuses: tuple[str, ...] = EMBED_STATUSES,
 ) -> ray.data.Dataset:
     return docs.map_batches(
         DocumentEncoder,
@@ -181,8 +203,9 @@ def embed(
             "device": compute.device,
             "batch_size": compute.batch_size,
             "threads": compute.threads_per_actor,
+            "embed_statuses": embed_statuses,
         },
-        batch_size=compute.batch_size * ROWS_PER_ACTOR_CALL_FACTOR,
+        batch_size=compute.rows_per_call,
         batch_format="numpy",
         # One call in flight per actor: otherwise the first actor to start queues the first blocks
         # and, on a small input, the others sit idle (measured: one of two cores doing all the work).
@@ -199,8 +222,8 @@ def write(
     collection: str,
     vector_type: str,
     max_text_bytes: int,
-    partition_by_field: bool,
     compute: ComputePlan,
+    embed_statuses: tuple[str, ...] = EMBED_STATUSES,
 ) -> ray.data.Dataset:
     return vectors.map_batches(
         BatchWriter,
@@ -210,7 +233,7 @@ def write(
             "collection": collection,
             "vector_type": vector_type,
             "max_text_bytes": max_text_bytes,
-            "partition_by_field": partition_by_field,
+            "embed_statuses": embed_statuses,
         },
         batch_size=compute.write_batch_rows,
         batch_format="numpy",
@@ -221,7 +244,7 @@ def write(
 
 def sample_embeddings(docs: ray.data.Dataset, size: int, source: ModelSource, compute: ComputePlan) -> np.ndarray:
     """Float embeddings of the first `size` good documents: the int8 calibration sample."""
-    sample = good_documents(docs).limit(size)
+    sample = new_documents(docs).limit(size)
     floats = embed(sample, source, "float32", None, compute)
     parts = [b[C_VECTOR] for b in floats.select_columns([C_VECTOR]).iter_batches(batch_format="numpy")]
     return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
@@ -229,6 +252,59 @@ def sample_embeddings(docs: ray.data.Dataset, size: int, source: ModelSource, co
 
 def iter_summaries(results: ray.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     yield from results.iter_batches(batch_format="numpy", batch_size=None)
+
+
+def _tagged(tag: int):
+    def add(batch: pa.Table) -> pa.Table:
+        return pa.table({C_ID: batch.column(C_ID), "tag": pa.array([tag] * batch.num_rows, pa.int8())})
+
+    return add
+
+
+def input_ids(docs: ray.data.Dataset) -> ray.data.Dataset:
+    """Every id the input names (good or rejected), tagged 0: what `--delete-missing` must keep."""
+
+    def ids(batch: pa.Table) -> pa.Table:
+        named = batch.filter(pc.not_equal(batch.column(C_ID), ""))
+        return _tagged(0)(named.select([C_ID]))
+
+    return docs.map_batches(ids, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
+
+
+def stored_ids(uri: str, token: str | None, collection: str, partitions: list[str]) -> ray.data.Dataset:
+    """Every id the collection holds, tagged 1, streamed partition by partition in small-CPU tasks."""
+
+    def read(batch: pa.Table) -> Iterator[pa.Table]:
+        from reembed.store import MilvusStore
+
+        store = MilvusStore(uri, token)
+        try:
+            for partition in batch.column("partition").to_pylist():
+                for chunk in store.iter_ids(collection, partition=partition):
+                    yield _tagged(1)(pa.table({C_ID: pa.array(chunk, pa.string())}))
+        finally:
+            store.close()
+
+    items = ray.data.from_items([{"partition": p} for p in partitions], override_num_blocks=max(1, len(partitions)))
+    return items.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
+
+
+def missing_ids(stored: ray.data.Dataset, present: ray.data.Dataset, input_bytes: int) -> list[str]:
+    """Stored ids that the input no longer names: ids whose every occurrence is tagged 1 (stored).
+
+    The same grouped shuffle of short strings as the duplicate pass (Ray's join would need polars);
+    only the missing ids reach the driver.
+    """
+    from ray.data.aggregate import Min
+
+    partitions = max(1, min(200, input_bytes // SHUFFLE_BYTES_PER_PARTITION))
+    grouped = stored.union(present).groupby(C_ID, num_partitions=partitions).aggregate(Min("tag"))
+
+    def only_stored(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.equal(batch.column("min(tag)"), 1)).select([C_ID])
+
+    gone = grouped.map_batches(only_stored, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
+    return [r[C_ID] for r in gone.take_all()]
 
 
 def stage_bulk(

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from reembed.documents import C_HASH, C_ID, C_PARTITION, C_RAW, C_REJECT, C_SOURCE, C_TEXT, truncate_utf8
+from reembed.documents import C_HASH, C_ID, C_TEXT, truncate_utf8
 from reembed.errors import CapabilityError, ConfigError, ReembedError
-from reembed.ingest import C_VECTOR, SUMMARY_COLUMNS
+from reembed.ingest import C_VECTOR, EMBED_STATUSES, SUMMARY_COLUMNS, BatchWriter
 from reembed.store import F_HASH, F_ID, F_PARTITION, F_TEXT, F_VECTOR, MilvusStore, vector_payload
 
 logger = logging.getLogger(__name__)
@@ -112,11 +112,11 @@ def staging_dir(bulk_dir: str, collection: str) -> Path:
     return path
 
 
-class BulkStager:
-    """Writes the good documents of a batch as Parquet files (LocalBulkWriter), one set per partition.
+class BulkStager(BatchWriter):
+    """Writes the rows a BatchWriter would upsert as Parquet files (LocalBulkWriter), one set per partition.
 
-    Returns the same summary columns as BatchWriter: a "staged" row per partition whose `source`
-    holds the JSON list of files, and a "rejected" row per bad document.
+    Returns the BatchWriter's summary (rejects, end-of-shard markers, per-shard counts with `written`
+    meaning staged) plus one KIND_STAGED row per partition whose `raw` holds the JSON list of files.
     """
 
     def __init__(self, uri: str, token: str | None, collection: str, max_text_bytes: int, staging: str) -> None:
@@ -132,22 +132,30 @@ class BulkStager:
             store.close()
         # The files must match the collection the driver created: take its schema from the server.
         self.schema = CollectionSchema.construct_from_dict(desc)
-        self.vector_type = next(f.dtype.name for f in self.schema.fields if f.name == F_VECTOR)
+        vector_type = next(f.dtype.name for f in self.schema.fields if f.name == F_VECTOR)
         self.staging = Path(staging)
-        self.max_text_bytes = max_text_bytes
+        self.collection, self.vector_type, self.max_text_bytes = collection, vector_type, max_text_bytes
+        self.embed_statuses = EMBED_STATUSES
+        self._files: dict[str, list[str]] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        self._files = {}
+        summary = super().__call__(batch)
+        for partition, files in self._files.items():
+            row = dict(
+                zip(SUMMARY_COLUMNS, (KIND_STAGED, "", partition, 0, 0, "", "", json.dumps(files), 0), strict=True)
+            )
+            for col in SUMMARY_COLUMNS:
+                summary[col].append(row[col])
+        return summary
+
+    def _write(self, batch: dict[str, np.ndarray], groups: dict[tuple[str, str], list[int]]) -> int:
         from pymilvus.bulk_writer import BulkFileType, LocalBulkWriter
 
-        summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
         by_partition: dict[str, list[int]] = defaultdict(list)
-        for i, reason in enumerate(batch[C_REJECT]):
-            if reason:
-                values = ("rejected", "", 0, batch[C_ID][i], batch[C_SOURCE][i], reason, batch[C_RAW][i])
-                for col, value in zip(SUMMARY_COLUMNS, values, strict=True):
-                    summary[col].append(value)
-            else:
-                by_partition[batch[C_PARTITION][i]].append(i)
+        for (partition, _status), rows in groups.items():
+            by_partition[partition].extend(rows)
+        staged = 0
         for partition, rows in by_partition.items():
             vectors = vector_payload(batch[C_VECTOR][rows], self.vector_type)
             with LocalBulkWriter(
@@ -167,11 +175,9 @@ class BulkStager:
                         }
                     )
                 writer.commit()
-                files = [str(f) for group in writer.batch_files for f in group]
-            values = (KIND_STAGED, partition, len(rows), "", json.dumps(files), "", "")
-            for col, value in zip(SUMMARY_COLUMNS, values, strict=True):
-                summary[col].append(value)
-        return summary
+                self._files[partition] = [str(f) for group in writer.batch_files for f in group]
+            staged += len(rows)
+        return staged
 
 
 def import_staged(

@@ -22,6 +22,8 @@ from reembed.errors import ConfigError
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_MILVUS_URI = "./data/reembed.db"
 DEFAULT_COLLECTION = "documents"
+# First-stage candidates per result that two-stage search re-ranks with floats (README: measured).
+DEFAULT_RESCORE_MULTIPLIER = 10
 # Milvus's own rule for collection and partition names.
 MILVUS_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
@@ -75,7 +77,19 @@ class BackfillConfig(BaseSettings):
     )
     bulk_file_rows: int = Field(50_000, ge=1, le=10_000_000, description="bulk: rows per staged batch of files")
 
-    output_dir: str = "./data/runs"
+    output_dir: str = Field("./data/runs", description="run manifests, rejects and the resume record")
+
+    full: bool = Field(False, description="re-embed every document, not only new and changed ones")
+    delete_missing: bool = Field(False, description="delete stored documents that the input no longer has")
+    max_delete_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="--delete-missing refuses to delete more than this share of the collection"
+    )
+    shard_bytes: int | None = Field(
+        None, ge=1024, le=1 << 34, description="input bytes per shard (default: about 8 shards per actor)"
+    )
+    checkpoint_interval_s: float = Field(
+        30.0, gt=0, le=86_400, description="how often finished shards are flushed and recorded for resume"
+    )
 
     @field_validator("text_fields", mode="before")
     @classmethod
@@ -214,4 +228,84 @@ class ServiceConfig(BaseSettings):
                 f"milvus_uri={self.milvus_uri!r}, got {self.ingress_replicas}; run `milvus-lite server` "
                 "or a Milvus server and pass its URI to scale out"
             )
+        return self
+
+
+def _int_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [int(v) for v in value.split(",") if v.strip()]
+    if isinstance(value, int):
+        return [value]
+    return value
+
+
+class EvaluateConfig(BaseSettings):
+    """Everything `python -m jobs.evaluate` needs; `REEMBED_EVAL_*` environment variables too.
+
+    The evaluation drops and rebuilds its own collections, `<collection_prefix>_float32`, `_int8`,
+    `_binary` and `_hnsw`, so their prefix has an environment variable of its own."""
+
+    model_config = SettingsConfigDict(env_prefix="REEMBED_EVAL_", extra="forbid")
+
+    beir: str = Field(..., description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    split: str = "test"
+    json_out: str = Field(..., description="where the JSON report goes")
+    plot: str | None = Field(None, description="HNSW sweep PNG (default: beside the JSON, .hnsw.png)")
+    milvus_uri: str = "./data/evaluate/evaluate.db"
+    milvus_token: str | None = None
+    collection_prefix: str = "eval"
+    model: str = DEFAULT_MODEL
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    ef: int = Field(64, ge=1, le=32_768, description="HNSW ef of the precision comparison (the service's default)")
+    # k * multiplier at depth 100 must stay within Milvus's search limit of 16384.
+    rescore_multiplier: int = Field(DEFAULT_RESCORE_MULTIPLIER, ge=1, le=163)
+    calibration_sample: int = Field(1024, ge=16, le=1_000_000)
+    calibration_quantile: float = Field(0.9999, gt=0.5, le=1.0)
+    hnsw_m: int = Field(32, ge=4, le=64)
+    hnsw_ef_construction: int = Field(200, ge=8, le=1024)
+
+    sweep: bool = True
+    sweep_m: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
+    sweep_ef_construction: list[int] = Field(default_factory=lambda: [64, 200])
+    sweep_ef: list[int] = Field(default_factory=lambda: [10, 16, 32, 64, 128, 256])
+
+    actors: int | None = Field(None, ge=1, le=1024)
+    threads_per_actor: int | None = Field(None, ge=1, le=256)
+    batch_size: int = Field(64, ge=1, le=4096)
+    output_dir: str = "./data/runs"
+
+    _split_ints = field_validator("sweep_m", "sweep_ef_construction", "sweep_ef", mode="before")(_int_list)
+
+    @field_validator("sweep_m")
+    @classmethod
+    def _check_m(cls, value: list[int]) -> list[int]:
+        if not value or any(not 4 <= m <= 64 for m in value):
+            raise ValueError(f"sweep_m: expected HNSW M values in 4..64, got {value!r}")
+        return value
+
+    @field_validator("sweep_ef_construction", "sweep_ef")
+    @classmethod
+    def _check_positive(cls, value: list[int]) -> list[int]:
+        if not value or any(not 1 <= v <= 32_768 for v in value):
+            raise ValueError(f"expected values in 1..32768, got {value!r}")
+        return value
+
+    @field_validator("collection_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not MILVUS_NAME_RE.match(value + "_float32"):
+            raise ValueError(
+                f"collection_prefix: expected letters, digits and underscores, not starting with a digit, got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_beir(self) -> EvaluateConfig:
+        root = Path(self.beir)
+        missing = [
+            name for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{self.split}.tsv") if not (root / name).is_file()
+        ]
+        if missing:
+            raise ValueError(f"beir: expected a BEIR folder holding {', '.join(missing)}, got {self.beir!r}")
         return self

@@ -26,8 +26,22 @@ C_HASH = "content_sha256"
 C_SOURCE = "source"
 C_REJECT = "reject"
 C_RAW = "raw"
-DOC_COLUMNS = (C_ID, C_TEXT, C_PARTITION, C_HASH, C_SOURCE, C_REJECT, C_RAW)
-DOC_SCHEMA = pa.schema([(c, pa.string()) for c in DOC_COLUMNS])
+# What happens to a row: read as `new` (or `rejected`), then the change detector may make a good
+# row `changed`, `moved` (stored in another partition) or `unchanged`. One `eof` row ends each
+# input shard and carries its row count in C_SHARD_ROWS; an `error` row says a shard could not be
+# read to its end (its reason in C_REJECT), so the shard is never recorded as done.
+C_STATUS = "status"
+C_SHARD = "shard"
+C_SHARD_ROWS = "shard_rows"
+S_NEW = "new"
+S_CHANGED = "changed"
+S_MOVED = "moved"
+S_UNCHANGED = "unchanged"
+S_REJECTED = "rejected"
+S_EOF = "eof"
+S_ERROR = "error"
+DOC_COLUMNS = (C_ID, C_TEXT, C_PARTITION, C_HASH, C_SOURCE, C_REJECT, C_RAW, C_STATUS, C_SHARD, C_SHARD_ROWS)
+DOC_SCHEMA = pa.schema([(c, pa.int64() if c == C_SHARD_ROWS else pa.string()) for c in DOC_COLUMNS])
 REASON_DUPLICATE = "duplicate id: it appears {n} times in the input; all copies are kept here"
 
 
@@ -102,14 +116,25 @@ def _text_of(record: dict[str, Any], fields: Sequence[str]) -> tuple[str | None,
     return " ".join(parts), ""
 
 
-def normalize_record(record: Any, source: str, raw: str, spec: DocumentSpec) -> dict[str, str]:
-    """One input record -> one row of DOC_COLUMNS (reject is "" for a good document)."""
-    row = dict.fromkeys(DOC_COLUMNS, "")
+def empty_row(source: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(DOC_COLUMNS, "")
     row[C_SOURCE] = source
+    row[C_STATUS] = S_NEW
+    row[C_SHARD_ROWS] = 0
+    return row
+
+
+def reject_row(source: str, reason: str, raw: str) -> dict[str, Any]:
+    row = empty_row(source)
+    row.update({C_REJECT: reason, C_RAW: raw, C_STATUS: S_REJECTED})
+    return row
+
+
+def normalize_record(record: Any, source: str, raw: str, spec: DocumentSpec) -> dict[str, Any]:
+    """One input record -> one row of DOC_COLUMNS (status `new`, or `rejected` with a reason)."""
+    row = empty_row(source)
     if not isinstance(record, dict):
-        row[C_REJECT] = f"bad record: expected a JSON object, got {type(record).__name__}"
-        row[C_RAW] = raw
-        return row
+        return reject_row(source, f"bad record: expected a JSON object, got {type(record).__name__}", raw)
     doc_id, reason = _id_of(record, spec.id_field)
     if doc_id is not None:
         row[C_ID] = doc_id
@@ -127,28 +152,53 @@ def normalize_record(record: Any, source: str, raw: str, spec: DocumentSpec) -> 
                 row[C_TEXT] = text
                 row[C_HASH] = content_hash(text)
                 return row
-    row[C_REJECT] = reason
-    row[C_RAW] = raw
-    return row
+    rejected = reject_row(source, reason, raw)
+    rejected[C_ID] = row[C_ID]
+    return rejected
 
 
-def _to_table(rows: list[dict[str, str]]) -> pa.Table:
+def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict({c: [r[c] for r in rows] for c in DOC_COLUMNS}, schema=DOC_SCHEMA)
 
 
-def normalize_json_lines(lines: Iterable[str], sources: Iterable[str], spec: DocumentSpec) -> pa.Table:
-    """JSONL lines (one document each) -> a table of DOC_COLUMNS. Unparsable lines are rejects."""
+def normalize_json_lines(lines: Iterable[str | bytes], sources: Iterable[str], spec: DocumentSpec) -> pa.Table:
+    """JSONL lines (one document each) -> a table of DOC_COLUMNS. Unparsable lines are rejects;
+    a line given as bytes is one that is not valid UTF-8."""
     rows = []
     for line, source in zip(lines, sources, strict=True):
+        if isinstance(line, bytes):
+            rows.append(
+                reject_row(source, "bad encoding: the line is not valid UTF-8", line.decode("utf-8", "replace"))
+            )
+            continue
         try:
             record = json.loads(line)
         except ValueError as exc:
-            row = dict.fromkeys(DOC_COLUMNS, "")
-            row.update({C_SOURCE: source, C_REJECT: f"bad JSON: {exc}", C_RAW: line})
-            rows.append(row)
+            rows.append(reject_row(source, f"bad JSON: {exc}", line))
             continue
         rows.append(normalize_record(record, source, line, spec))
     return _to_table(rows)
+
+
+def with_shard(table: pa.Table, shard: str) -> pa.Table:
+    """Stamp every row with the shard it was read from."""
+    return table.set_column(
+        table.schema.get_field_index(C_SHARD), C_SHARD, pa.array([shard] * table.num_rows, pa.string())
+    )
+
+
+def shard_error(shard: str, source: str, reason: str) -> pa.Table:
+    """The one-row marker of a shard that could not be read to its end."""
+    row = empty_row(source)
+    row.update({C_STATUS: S_ERROR, C_SHARD: shard, C_REJECT: reason})
+    return _to_table([row])
+
+
+def end_of_shard(shard: str, source: str, rows: int) -> pa.Table:
+    """The one-row marker that ends a shard: status `eof`, the shard's row count in C_SHARD_ROWS."""
+    row = empty_row(source)
+    row.update({C_STATUS: S_EOF, C_SHARD: shard, C_SHARD_ROWS: rows})
+    return _to_table([row])
 
 
 def normalize_records(records: Iterable[dict[str, Any]], sources: Iterable[str], spec: DocumentSpec) -> pa.Table:
@@ -172,12 +222,15 @@ def mark_duplicates(table: pa.Table, counts: dict[str, int]) -> pa.Table:
         return table
     raws = table.column(C_RAW).to_pylist()
     texts = table.column(C_TEXT).to_pylist()
+    statuses = table.column(C_STATUS).to_pylist()
     for k, doc_id in enumerate(ids):
         if doc_id in counts and not rejects[k]:
             rejects[k] = REASON_DUPLICATE.format(n=counts[doc_id])
             raws[k] = json.dumps({"id": doc_id, "text": texts[k]}, ensure_ascii=False) if not raws[k] else raws[k]
-    table = table.set_column(table.schema.get_field_index(C_REJECT), C_REJECT, pa.array(rejects, pa.string()))
-    return table.set_column(table.schema.get_field_index(C_RAW), C_RAW, pa.array(raws, pa.string()))
+            statuses[k] = S_REJECTED
+    for column, values in ((C_REJECT, rejects), (C_RAW, raws), (C_STATUS, statuses)):
+        table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.string()))
+    return table
 
 
 def truncate_utf8(text: str, max_bytes: int) -> str:

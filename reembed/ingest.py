@@ -1,8 +1,14 @@
-"""The two per-batch steps of the backfill: embed + quantise, then write to Milvus.
+"""The three per-batch steps of the backfill: find what changed, embed + quantise, write to Milvus.
 
 Plain callable classes over numpy batches (dicts of arrays, as Ray Data hands them to
 `map_batches`): jobs/pipeline.py runs them as actor pools, a unit test calls them directly.
-Both load their heavy state (model, connection) once in `__init__`.
+Each loads its heavy state (model, connection) once in `__init__`.
+
+Rows carry a status (reembed.documents): `new` rows are looked up by id in the collection and
+become `unchanged` (same content hash, same partition: never shown to the model), `changed`, or
+`moved` (a copy lives in another partition: it is rewritten and the stale copy deleted). Rejects
+and the end-of-shard markers pass through every step untouched so that the driver can count
+every row of every shard.
 """
 
 from __future__ import annotations
@@ -13,7 +19,25 @@ from typing import Any
 
 import numpy as np
 
-from reembed.documents import C_HASH, C_ID, C_PARTITION, C_RAW, C_REJECT, C_SOURCE, C_TEXT, truncate_utf8
+from reembed.documents import (
+    C_HASH,
+    C_ID,
+    C_PARTITION,
+    C_RAW,
+    C_REJECT,
+    C_SHARD,
+    C_SHARD_ROWS,
+    C_STATUS,
+    C_TEXT,
+    S_CHANGED,
+    S_EOF,
+    S_ERROR,
+    S_MOVED,
+    S_NEW,
+    S_REJECTED,
+    S_UNCHANGED,
+    truncate_utf8,
+)
 from reembed.embedder import Embedder, ModelSource
 from reembed.quantize import Int8Calibration
 from reembed.store import F_HASH, F_ID, F_PARTITION, F_TEXT, F_VECTOR, MilvusStore, vector_payload
@@ -21,16 +45,66 @@ from reembed.store import F_HASH, F_ID, F_PARTITION, F_TEXT, F_VECTOR, MilvusSto
 logger = logging.getLogger(__name__)
 
 C_VECTOR = "vector"
-# Columns of the writer's summary: one "written" row per partition per batch, one "rejected" row
-# per bad document (with where it came from and the raw record).
-SUMMARY_COLUMNS = ("kind", "partition", "count", "id", "source", "reason", "raw")
+# Rows the model embeds and the writer upserts; `--full` adds S_UNCHANGED.
+EMBED_STATUSES = (S_NEW, S_CHANGED, S_MOVED)
+# Columns of the writer's summary, one row per (shard, status, partition) per batch, one per
+# rejected document (with its id, reason and raw record), one per end-of-shard or error marker.
+# int8 values clipped in each row (0 for floats): the driver checks the calibration still fits.
+C_CLIPPED = "clipped"
+SUMMARY_COLUMNS = ("kind", "shard", "partition", "count", "written", "id", "reason", "raw", "clipped")
+
+
+def embed_mask(statuses: np.ndarray, embed_statuses: tuple[str, ...]) -> np.ndarray:
+    return np.isin(statuses, np.asarray(embed_statuses, dtype=object))
+
+
+class ChangeDetector:
+    """Marks each `new` row `unchanged`, `changed` or `moved` from what the collection holds.
+
+    One query per batch (`id in [...]`) for the stored content hash and partition of its ids. A
+    row counts as unchanged only if exactly one stored copy exists, in the row's partition, with
+    the same content hash; anything else (a changed text, a copy elsewhere, a copy twice after a
+    crash mid-move) is embedded and written again.
+    """
+
+    def __init__(self, uri: str, token: str | None, collection: str, keep_unchanged_text: bool = False) -> None:
+        self.store = MilvusStore(uri, token)
+        self.collection = collection
+        self.keep_unchanged_text = keep_unchanged_text
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        statuses = batch[C_STATUS].copy()
+        todo = np.flatnonzero(statuses == S_NEW)
+        if not len(todo):
+            return batch
+        stored = self.store.stored_versions(self.collection, batch[C_ID][todo].tolist())
+        for i in todo:
+            copies = stored.get(batch[C_ID][i])
+            if not copies:
+                continue
+            partition, digest = batch[C_PARTITION][i], batch[C_HASH][i]
+            if any(p != partition for p, _ in copies):
+                statuses[i] = S_MOVED
+            elif len(copies) == 1 and copies[0][1] == digest:
+                statuses[i] = S_UNCHANGED
+            else:
+                statuses[i] = S_CHANGED
+        out = dict(batch)
+        out[C_STATUS] = statuses
+        if not self.keep_unchanged_text:
+            # The model never sees unchanged rows: do not carry their text through the pipeline.
+            texts = batch[C_TEXT].copy()
+            texts[statuses == S_UNCHANGED] = ""
+            out[C_TEXT] = texts
+        return out
 
 
 class DocumentEncoder:
-    """Embeds the good documents of a batch; adds a `vector` column (int8 codes or float32).
+    """Embeds the rows to (re-)embed; adds a `vector` column (int8 codes or float32) and a
+    `clipped` column (int8 values clipped in the row).
 
     With no calibration and precision int8, it returns floats: that is the calibration sample.
-    Rejected rows get a zero vector and are never shown to the model.
+    Other rows (rejects, unchanged, end-of-shard markers) get a zero vector and never reach the model.
     """
 
     def __init__(
@@ -41,25 +115,33 @@ class DocumentEncoder:
         device: str = "auto",
         batch_size: int = 64,
         threads: int | None = 1,
+        embed_statuses: tuple[str, ...] = EMBED_STATUSES,
     ) -> None:
         self.embedder = Embedder(source, device=device, threads=threads, batch_size=batch_size)
         self.calibration = Int8Calibration.from_json(calibration_json) if calibration_json else None
         self.emit_codes = precision == "int8" and self.calibration is not None
+        self.embed_statuses = embed_statuses
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        good = batch[C_REJECT] == ""
-        n, d = len(good), self.embedder.dimension
+        todo = embed_mask(batch[C_STATUS], self.embed_statuses)
+        n, d = len(todo), self.embedder.dimension
         vectors = np.zeros((n, d), dtype=np.int8 if self.emit_codes else np.float32)
-        if good.any():
-            floats = self.embedder.encode_documents(batch[C_TEXT][good].tolist())
-            vectors[good] = self.calibration.quantize(floats) if self.emit_codes else floats
+        clipped = np.zeros(n, dtype=np.int32)
+        if todo.any():
+            floats = self.embedder.encode_documents(batch[C_TEXT][todo].tolist())
+            if self.emit_codes:
+                vectors[todo] = self.calibration.quantize(floats)
+                clipped[todo] = self.calibration.clipped_per_row(floats)
+            else:
+                vectors[todo] = floats
         out = dict(batch)
         out[C_VECTOR] = vectors
+        out[C_CLIPPED] = clipped
         return out
 
 
 class BatchWriter:
-    """Upserts the good documents of a batch into their partitions; returns a small summary."""
+    """Upserts the embedded rows of a batch into their partitions; returns a small summary."""
 
     def __init__(
         self,
@@ -68,28 +150,58 @@ class BatchWriter:
         collection: str,
         vector_type: str,
         max_text_bytes: int,
-        partition_by_field: bool,
+        embed_statuses: tuple[str, ...] = EMBED_STATUSES,
     ) -> None:
         self.store = MilvusStore(uri, token)
         self.collection = collection
         self.vector_type = vector_type
         self.max_text_bytes = max_text_bytes
-        self.partition_by_field = partition_by_field
+        self.embed_statuses = embed_statuses
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
-        by_partition: dict[str, list[int]] = defaultdict(list)
-        for i, reason in enumerate(batch[C_REJECT]):
-            if reason:
-                for col, value in zip(
-                    SUMMARY_COLUMNS,
-                    ("rejected", "", 0, batch[C_ID][i], batch[C_SOURCE][i], reason, batch[C_RAW][i]),
-                    strict=True,
-                ):
-                    summary[col].append(value)
+
+        def emit(kind, shard, partition="", count=1, written=0, doc_id="", reason="", raw="", clipped=0):
+            for col, value in zip(
+                SUMMARY_COLUMNS, (kind, shard, partition, count, written, doc_id, reason, raw, clipped), strict=True
+            ):
+                summary[col].append(value)
+
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)  # (partition, status) -> rows
+        counts: dict[tuple[str, str, str], int] = defaultdict(int)  # (shard, status, partition) -> rows
+        clipped: dict[tuple[str, str, str], int] = defaultdict(int)  # same key -> int8 values clipped
+        row_clipped = batch[C_CLIPPED] if C_CLIPPED in batch else np.zeros(len(batch[C_STATUS]), dtype=np.int32)
+        for i, status in enumerate(batch[C_STATUS]):
+            shard = batch[C_SHARD][i]
+            if status == S_REJECTED:
+                emit(S_REJECTED, shard, doc_id=batch[C_ID][i], reason=batch[C_REJECT][i], raw=batch[C_RAW][i])
+            elif status == S_EOF:
+                emit(S_EOF, shard, count=int(batch[C_SHARD_ROWS][i]))
+            elif status == S_ERROR:
+                emit(S_ERROR, shard, reason=batch[C_REJECT][i])
             else:
-                by_partition[batch[C_PARTITION][i]].append(i)
-        self.store.ensure_partitions(self.collection, by_partition)
+                counts[(shard, status, batch[C_PARTITION][i])] += 1
+                clipped[(shard, status, batch[C_PARTITION][i])] += int(row_clipped[i])
+                if status in self.embed_statuses:
+                    groups[(batch[C_PARTITION][i], status)].append(i)
+        written_rows = self._write(batch, groups)
+        for (shard, status, partition), n in counts.items():
+            written = n if status in self.embed_statuses else 0
+            emit(status, shard, partition, count=n, written=written, clipped=clipped[(shard, status, partition)])
+        if written_rows != sum(len(r) for r in groups.values()):
+            raise RuntimeError(f"Milvus acknowledged {written_rows} rows of {sum(len(r) for r in groups.values())}")
+        return summary
+
+    def _write(self, batch: dict[str, np.ndarray], groups: dict[tuple[str, str], list[int]]) -> int:
+        by_partition: dict[str, list[int]] = defaultdict(list)
+        moved: dict[str, list[str]] = defaultdict(list)
+        for (partition, status), rows in groups.items():
+            by_partition[partition].extend(rows)
+            if status == S_MOVED:
+                moved[partition].extend(batch[C_ID][i] for i in rows)
+        if by_partition:
+            self.store.ensure_partitions(self.collection, by_partition)
+        written = 0
         for partition, rows in by_partition.items():
             vectors = vector_payload(batch[C_VECTOR][rows], self.vector_type)
             payload = [
@@ -102,9 +214,8 @@ class BatchWriter:
                 }
                 for i, vec in zip(rows, vectors, strict=True)
             ]
-            written = self.store.upsert(self.collection, partition, payload)
-            if self.partition_by_field:
-                self.store.delete_ids_outside(self.collection, partition, [p[F_ID] for p in payload])
-            for col, value in zip(SUMMARY_COLUMNS, ("written", partition, written, "", "", "", ""), strict=True):
-                summary[col].append(value)
-        return summary
+            written += self.store.upsert(self.collection, partition, payload)
+            if moved.get(partition):
+                # Upsert replaces a row only within its partition: drop the copies left elsewhere.
+                self.store.delete_ids_outside(self.collection, partition, moved[partition])
+        return written

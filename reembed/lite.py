@@ -7,8 +7,10 @@ loopback URI, flushes, and stops it at the end.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,9 +21,22 @@ from reembed.errors import ConfigError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
+
 
 def is_lite_uri(uri: str) -> bool:
     return uri.endswith(".db") and "://" not in uri
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the process that started it dies.
+
+    A driver killed with SIGKILL runs no clean-up; without this its server would live on, and a
+    rerun would start a second server on the same .db. Writes since the last flush may then be
+    lost, which the job's resume record allows for (a shard is recorded only after a flush).
+    """
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -53,13 +68,16 @@ class LiteServer:
                 [exe, "server", "--data-dir", str(self.db_path), "--host", "127.0.0.1", "--port", str(port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
             )
         self.uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                lines = self.log_path.read_text(errors="replace").strip().splitlines()
                 raise StoreUnavailableError(
-                    f"milvus-lite server for {self.db_path} exited with {self.process.returncode}; see {self.log_path}"
+                    f"milvus-lite server for {self.db_path} exited with {self.process.returncode}: "
+                    f"{lines[-1] if lines else 'no output'} (log: {self.log_path})"
                 )
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):

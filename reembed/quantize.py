@@ -10,19 +10,35 @@ int8 vectors by the inner product of the codes; with one global scale that produ
 terms that depend on each vector's sum and distorts the ranking; per-dimension scales weight
 each dimension by 1/scale_d^2 in code space. `benchmarks/quantization.py` measures all three on
 real data.
+
+The scale clips about (1 - quantile) of the sample's values by construction. Documents added
+later are checked against it (`clipping_report`): when clipping on them is several times that,
+their distribution has drifted from the sample and the job's summary flags it.
+
+Binary codes (sign bits) are searched by Hamming distance and re-ranked with float16 copies of
+the vectors (`encode_rerank_vectors`), kept as base64 text beside the codes: Milvus 2.3 allows one
+vector field per collection and has no bytes field.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 CALIBRATION_VERSION = 1
 INT8_MAX = 127
 Int8Scheme = Literal["global", "per-dim"]
+# New documents may clip this many times the share the sample clipped by construction
+# (1 - quantile), and at least CLIP_DRIFT_FLOOR, before the calibration is flagged as drifted.
+CLIP_DRIFT_FACTOR = 10.0
+CLIP_DRIFT_FLOOR = 1e-3
+RERANK_ENCODING = "float16-base64"
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,10 @@ class Int8Calibration:
             return 0.0
         return float(np.mean(np.abs(x) > self._scale_array()))
 
+    def clipped_per_row(self, x: np.ndarray) -> np.ndarray:
+        """Number of clipped values in each row of x (n, d): int32 (n,)."""
+        return np.count_nonzero(np.abs(x) > self._scale_array(), axis=1).astype(np.int32)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
@@ -93,6 +113,52 @@ def fit_int8(sample: np.ndarray, scheme: Int8Scheme = "global", quantile: float 
         sample_size=int(sample.shape[0]),
         dimension=int(sample.shape[1]),
     )
+
+
+def clip_drift_threshold(quantile: float) -> float:
+    """Share of clipped values on new documents above which the calibration no longer fits them."""
+    return max(CLIP_DRIFT_FACTOR * (1.0 - quantile), CLIP_DRIFT_FLOOR)
+
+
+def clipping_report(calibration: Int8Calibration, documents: int, clipped_values: int) -> dict[str, Any]:
+    """How well a calibration fits `documents` documents embedded after it, with `clipped_values`
+    values clipped among their documents * dimension values. `drift` is True when clipping is common
+    (above `clip_drift_threshold`): re-fit the scale on recent documents (a new collection)."""
+    values = documents * calibration.dimension
+    fraction = clipped_values / values if values else 0.0
+    threshold = clip_drift_threshold(calibration.quantile)
+    return {
+        "calibration_sample_size": calibration.sample_size,
+        "calibration_quantile": calibration.quantile,
+        "documents": documents,
+        "values": values,
+        "clipped_values": clipped_values,
+        "clipped_fraction": fraction,
+        "drift_threshold": threshold,
+        "drift": fraction > threshold,
+    }
+
+
+def encode_rerank_vectors(x: np.ndarray) -> list[str]:
+    """float32 (n, d) -> n ASCII strings: each row as little-endian float16, base64 (re-rank copies)."""
+    half = np.ascontiguousarray(x, dtype="<f2")
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in half]
+
+
+def decode_rerank_vectors(texts: Sequence[str], dimension: int) -> np.ndarray:
+    """The inverse of `encode_rerank_vectors`: float32 (len(texts), dimension)."""
+    out = np.empty((len(texts), dimension), dtype=np.float32)
+    for i, text in enumerate(texts):
+        row = np.frombuffer(base64.b64decode(text), dtype="<f2")
+        if row.shape[0] != dimension:
+            raise ValueError(f"re-rank vector {i}: expected {dimension} float16 values, got {row.shape[0]}")
+        out[i] = row
+    return out
+
+
+def rerank_text_bytes(dimension: int) -> int:
+    """Bytes one re-rank vector takes as stored: base64 of 2 * dimension bytes."""
+    return 4 * math.ceil(2 * dimension / 3)
 
 
 def binarize(x: np.ndarray) -> np.ndarray:

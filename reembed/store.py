@@ -7,6 +7,10 @@ them once, every later run and the service read them back, so the two never disa
 Capabilities come from the server's version: INT8_VECTOR needs Milvus >= 2.6, BINARY_VECTOR any
 real server; Milvus Lite has FLOAT_VECTOR only. Where INT8_VECTOR is missing the same int8 codes
 are stored in a FLOAT_VECTOR field, which ranks them identically (inner product of the codes).
+Binary codes are never emulated: without BINARY_VECTOR that precision is refused.
+
+A collection may keep re-rank copies of its vectors (float16, base64) in a VARCHAR field beside
+compact codes: Milvus 2.3 allows one vector field per collection.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from reembed.errors import CapabilityError, ConfigError, ModelMismatchError, ReembedError, StoreUnavailableError
+from reembed.quantize import rerank_text_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,7 @@ F_VECTOR = "vector"
 F_TEXT = "text"
 F_HASH = "content_sha256"
 F_PARTITION = "partition"
+F_RERANK = "rerank_vector"
 ID_MAX_BYTES = 512
 PARTITION_MAX_CHARS = 255
 IDENTITY_PROPERTY = "reembed.identity"
@@ -39,6 +45,11 @@ DEFAULT_PARTITION = "_default"
 # Keep one request well under Milvus's 64 MiB gRPC limit.
 MAX_REQUEST_BYTES = 16 << 20
 INT8_VECTOR_MIN_VERSION = (2, 6, 0)
+# Ids per `id in [...]` lookup or delete: short expressions, few round trips.
+LOOKUP_IDS_PER_QUERY = 1000
+# Milvus 2.3 indexes binary vectors with BIN_FLAT or BIN_IVF_FLAT only (no graph index): exact
+# Hamming search is the first stage of binary + re-rank.
+BINARY_INDEX = "BIN_FLAT"
 
 T = TypeVar("T")
 
@@ -66,7 +77,18 @@ class ServerCapabilities:
         )
 
     def vector_type_for(self, precision: str) -> str:
-        """The Milvus field type that holds vectors of `precision` on this server."""
+        """The Milvus field type that holds vectors of `precision` on this server.
+
+        Raises CapabilityError for binary codes on a server without BINARY_VECTOR (Milvus Lite).
+        """
+        if precision == "binary":
+            if not self.binary_vector:
+                raise CapabilityError(
+                    f"binary codes need a BINARY_VECTOR field, which Milvus {self.version} does not have (Milvus "
+                    "Lite stores FLOAT_VECTOR only); they are not emulated with floats. Use a Milvus server URI, "
+                    "e.g. http://127.0.0.1:19530 from `milvus-server --data DIR` (pip install milvus==2.3.5)"
+                )
+            return "BINARY_VECTOR"
         if precision == "int8" and self.int8_vector:
             return "INT8_VECTOR"
         return "FLOAT_VECTOR"
@@ -93,6 +115,7 @@ class CollectionIdentity:
     partitioning: dict[str, Any]
     schema_version: int = SCHEMA_VERSION
     hnsw: dict[str, int] = field(default_factory=dict)
+    rerank: str | None = None  # encoding of the re-rank copies in F_RERANK (quantize.RERANK_ENCODING), if any
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -108,7 +131,7 @@ class CollectionIdentity:
             a, b = self.model.get(key), other.model.get(key)
             if a != b:
                 diffs.append(f"model.{key}: collection has {a!r}, this run has {b!r}")
-        for key in ("precision", "partitioning", "schema_version"):
+        for key in ("precision", "partitioning", "schema_version", "rerank"):
             a, b = getattr(self, key), getattr(other, key)
             if a != b:
                 diffs.append(f"{key}: collection has {a!r}, this run has {b!r}")
@@ -149,7 +172,7 @@ def _as_reembed_error(exc: Exception, what: str) -> ReembedError:
 class MilvusStore:
     """A connection to one Milvus (server or Lite) with the operations the project needs."""
 
-    def __init__(self, uri: str, token: str | None = None, timeout: float = 30.0, retries: int = 5) -> None:
+    def __init__(self, uri: str, token: str | None = None, timeout: float = 30.0, retries: int = 10) -> None:
         from pymilvus import MilvusClient
 
         self.uri = uri
@@ -235,36 +258,101 @@ class MilvusStore:
             )
         return stored
 
-    def create_collection(self, name: str, identity: CollectionIdentity, max_text_bytes: int) -> None:
+    def create_collection(
+        self, name: str, identity: CollectionIdentity, max_text_bytes: int, build_index: bool = True
+    ) -> None:
+        """Create `name` with `identity`'s vector field (and re-rank field); `build_index=False` leaves the
+        index to `create_vector_index`, so that its build can be timed on its own."""
         from pymilvus import DataType, MilvusClient
 
         if identity.vector_type == "INT8_VECTOR" and not self.capabilities.int8_vector:
             raise CapabilityError(f"Milvus {self.capabilities.version} has no INT8_VECTOR")
+        if identity.vector_type == "BINARY_VECTOR":
+            self.capabilities.vector_type_for("binary")  # raises where there is no BINARY_VECTOR
+        dimension = int(identity.model["dimension"])
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(F_ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
-        schema.add_field(F_VECTOR, getattr(DataType, identity.vector_type), dim=int(identity.model["dimension"]))
+        schema.add_field(F_VECTOR, getattr(DataType, identity.vector_type), dim=dimension)  # bits for binary
         schema.add_field(F_TEXT, DataType.VARCHAR, max_length=max_text_bytes)
         schema.add_field(F_HASH, DataType.VARCHAR, max_length=64)
         schema.add_field(F_PARTITION, DataType.VARCHAR, max_length=PARTITION_MAX_CHARS)
-        index = self.client.prepare_index_params()
-        index.add_index(
-            F_VECTOR,
-            index_type="HNSW",
-            metric_type="IP",
-            params={"M": identity.hnsw["M"], "efConstruction": identity.hnsw["efConstruction"]},
-        )
+        if identity.rerank:
+            schema.add_field(F_RERANK, DataType.VARCHAR, max_length=rerank_text_bytes(dimension))
         self._call(
             "create_collection",
             self.client.create_collection,
             name,
             schema=schema,
-            index_params=index,
+            index_params=self._index_params(identity) if build_index else None,
             properties={IDENTITY_PROPERTY: identity.to_json()},
         )
-        logger.info("created collection %r (%s, dim %s)", name, identity.vector_type, identity.model["dimension"])
+        logger.info("created collection %r (%s, dim %s)", name, identity.vector_type, dimension)
+
+    def _index_params(self, identity: CollectionIdentity) -> Any:
+        index = self.client.prepare_index_params()
+        if identity.vector_type == "BINARY_VECTOR":
+            index.add_index(F_VECTOR, index_type=BINARY_INDEX, metric_type=metric_for(identity.vector_type))
+        else:
+            # Nested under "params" (sent as one JSON value): Milvus servers read both forms, but Milvus
+            # Lite reads only this one and silently builds its default M=16, efConstruction=200 otherwise.
+            build = {"M": identity.hnsw["M"], "efConstruction": identity.hnsw["efConstruction"]}
+            index.add_index(
+                F_VECTOR, index_type="HNSW", metric_type=metric_for(identity.vector_type), params={"params": build}
+            )
+        return index
+
+    def create_vector_index(self, name: str, identity: CollectionIdentity) -> None:
+        """Build the vector index of a collection made with `build_index=False`."""
+        self._call("create_index", self.client.create_index, name, self._index_params(identity))
+
+    def vector_index(self, name: str) -> dict[str, Any]:
+        """The vector field's index as Milvus describes it: index_type, metric_type, params, state, rows."""
+        for index_name in self._call("list_indexes", self.client.list_indexes, name):
+            desc = self._call("describe_index", self.client.describe_index, name, index_name)
+            if desc.get("field_name", F_VECTOR) == F_VECTOR:
+                return desc
+        return {}
+
+    def wait_for_index(self, name: str, timeout: float = 600.0, poll_s: float = 0.05) -> dict[str, Any]:
+        """Block until every flushed row of `name` is indexed; returns the index description.
+
+        A Milvus server builds indexes on sealed segments in the background and searches
+        unindexed ones another way, so measurements wait for this first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            desc = self.vector_index(name)
+            state = str(desc.get("state", "Finished"))
+            pending = int(desc.get("pending_index_rows", 0) or 0)
+            if state.endswith("Finished") and pending == 0:
+                return desc
+            if state.endswith("Failed"):
+                raise ReembedError(f"index build on {name!r} failed: {desc.get('fail_reason') or desc}")
+            if time.monotonic() > deadline:
+                raise StoreUnavailableError(f"index on {name!r} not built within {timeout:g}s: {desc}")
+            time.sleep(poll_s)
+
+    def release(self, name: str) -> None:
+        self._call("release_collection", self.client.release_collection, name)
+        self._loaded.discard(name)
+
+    def loaded_memory_bytes(self, name: str) -> int | None:
+        """Memory Milvus reports for the loaded segments of `name` (vectors, index, scalar fields), or
+        None where the server does not report it (Milvus Lite has no such call; 2.3.5 answers 0)."""
+        if self.capabilities.is_lite:
+            return None
+        try:
+            segments = self._call("list_loaded_segments", self.client.list_loaded_segments, name)
+        except ReembedError:
+            return None
+        sizes = [int(getattr(seg, "mem_size", 0) or 0) for seg in segments]
+        return sum(sizes) if sizes and all(sizes) else None
 
     def drop_collection(self, name: str) -> None:
         self._call("drop_collection", self.client.drop_collection, name)
+        # A collection made again under this name starts unloaded and with only its default partition.
+        self._loaded.discard(name)
+        self._known_partitions.pop(name, None)
 
     def load(self, name: str) -> None:
         """Load a collection for search and query (Milvus serves neither from a released one)."""
@@ -343,8 +431,63 @@ class MilvusStore:
             deleted += len(old_ids)
         return deleted
 
+    def stored_versions(self, collection: str, ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """id -> [(partition, content hash), ...] of every stored copy of these ids (none: absent)."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for start in range(0, len(ids), LOOKUP_IDS_PER_QUERY):
+            chunk = list(ids[start : start + LOOKUP_IDS_PER_QUERY])
+            rows = self.query(collection, f"{F_ID} in {json.dumps(chunk)}", [F_ID, F_PARTITION, F_HASH])
+            for row in rows:
+                out.setdefault(row[F_ID], []).append((row[F_PARTITION], row[F_HASH]))
+        return out
+
+    def iter_ids(self, collection: str, partition: str | None = None, batch_size: int = 10_000) -> Iterable[list[str]]:
+        """Every stored id (of one partition), in batches, streamed with a query iterator."""
+        self.load(collection)
+        # Filter on the stored partition field: Milvus Lite ignores partition_names in queries.
+        expr = f"{F_PARTITION} == {json.dumps(partition)}" if partition else f'{F_ID} != ""'
+        iterator = self._call(
+            "query_iterator",
+            self.client.query_iterator,
+            collection,
+            batch_size=batch_size,
+            filter=expr,
+            output_fields=[F_ID],
+        )
+        try:
+            while True:
+                rows = self._call("query_iterator.next", iterator.next)
+                if not rows:
+                    return
+                yield [r[F_ID] for r in rows]
+        finally:
+            with contextlib.suppress(Exception):
+                iterator.close()
+
+    def delete_ids(self, collection: str, ids: Sequence[str]) -> int:
+        """Delete these ids from every partition."""
+        deleted = 0
+        for start in range(0, len(ids), LOOKUP_IDS_PER_QUERY):
+            chunk = list(ids[start : start + LOOKUP_IDS_PER_QUERY])
+            self._call("delete", self.client.delete, collection, ids=chunk)
+            deleted += len(chunk)
+        return deleted
+
+    def collection_id(self, name: str) -> str:
+        """Milvus's own id of the collection behind `name`: it changes when a collection is re-created."""
+        desc = self._call("describe_collection", self.client.describe_collection, name)
+        return str(desc.get("collection_id", ""))
+
     def flush(self, collection: str) -> None:
         self._call("flush", self.client.flush, collection)
+
+    def fetch(self, collection: str, ids: Sequence[str], fields: list[str], chunk: int = 1000) -> list[dict]:
+        """Rows with these ids (in no particular order; missing ids are left out)."""
+        rows: list[dict] = []
+        for start in range(0, len(ids), chunk):
+            part = list(ids[start : start + chunk])
+            rows += self.query(collection, f"{F_ID} in {json.dumps(part)}", [F_ID, *fields], limit=len(part))
+        return rows
 
     def count(self, collection: str, partition: str | None = None) -> int:
         # Filter on the stored partition field: Milvus Lite ignores partition_names in count(*).
@@ -353,8 +496,18 @@ class MilvusStore:
         return int(res[0]["count(*)"])
 
 
-def vector_payload(vectors: np.ndarray, vector_type: str) -> list[np.ndarray]:
-    """Per-row vectors in the dtype the field wants: int8 for INT8_VECTOR, float32 otherwise."""
+def metric_for(vector_type: str) -> str:
+    """How a vector field is searched: Hamming distance for sign bits, inner product otherwise."""
+    return "HAMMING" if vector_type == "BINARY_VECTOR" else "IP"
+
+
+def vector_payload(vectors: np.ndarray, vector_type: str) -> list[np.ndarray] | list[bytes]:
+    """Per-row vectors as the field wants them: int8 for INT8_VECTOR, the packed bits (uint8 (n, d/8)
+    from `quantize.binarize`) as bytes for BINARY_VECTOR, float32 otherwise."""
+    if vector_type == "BINARY_VECTOR":
+        if vectors.dtype != np.uint8:
+            raise ValueError(f"vector_payload: BINARY_VECTOR wants packed uint8 bits, got {vectors.dtype}")
+        return [row.tobytes() for row in np.ascontiguousarray(vectors)]
     dtype = np.int8 if vector_type == "INT8_VECTOR" else np.float32
     return list(np.ascontiguousarray(vectors, dtype=dtype))
 
@@ -364,6 +517,8 @@ def _row_bytes(row: dict[str, Any]) -> int:
     for value in row.values():
         if isinstance(value, np.ndarray):
             size += value.nbytes
+        elif isinstance(value, bytes):
+            size += len(value)
         elif isinstance(value, str):
             size += len(value) * 4 if not value.isascii() else len(value)
     return size

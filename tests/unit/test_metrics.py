@@ -7,7 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from reembed.metrics import evaluate, exact_search, load_beir, mrr_at_k, ndcg_at_k, recall_at_k
+from reembed.metrics import (
+    evaluate,
+    exact_search,
+    hamming_search,
+    load_beir,
+    mrr_at_k,
+    ndcg_at_k,
+    recall_at_k,
+    rescore,
+    top_k_agreement,
+)
 
 LOG2_3 = math.log2(3)  # discount at rank 2: 1.5849625
 LOG2_5 = math.log2(5)  # discount at rank 4: 2.3219281
@@ -220,3 +230,30 @@ def test_exact_search_refuses_other_dtypes(queries, docs):
 def test_exact_search_shape_mismatch():
     with pytest.raises(ValueError, match="expected"):
         exact_search(np.zeros((1, 3), np.float32), np.zeros((2, 4), np.float32), 1)
+
+
+# --- hamming_search, rescore, top_k_agreement (moved here from benchmarks/quantization.py) ----
+
+
+def test_hamming_search_smallest_distance_first_ties_by_index():
+    # q = 11110000; doc0 = 11110000 -> 0; doc1 = 11111111 -> 4; doc2 = 00000000 -> 4; doc3 = 11100000 -> 1
+    # => 0, 3, then the tie 1, 2 in index order
+    query = np.array([[0b11110000]], dtype=np.uint8)
+    docs = np.array([[0b11110000], [0b11111111], [0b00000000], [0b11100000]], dtype=np.uint8)
+    np.testing.assert_array_equal(hamming_search(query, docs, 4), [[0, 3, 1, 2]])
+    np.testing.assert_array_equal(hamming_search(query, docs, 10), [[0, 3, 1, 2]])  # k beyond the corpus
+
+
+def test_rescore_reranks_only_the_candidates():
+    # q = (1, 0): doc0 (0, 1) -> 0; doc1 (1, 0) -> 1; doc2 (0.6, 0.8) -> 0.6
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    docs = np.array([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
+    # doc1, the best, is not a candidate: the best candidate is doc2
+    np.testing.assert_array_equal(rescore(query, docs, np.array([[0, 2]]), 1), [[2]])
+    np.testing.assert_array_equal(rescore(query, docs, np.array([[0, 1, 2]]), 2), [[1, 2]])
+
+
+def test_top_k_agreement_same_sets_and_overlap():
+    # q0: {1, 2} vs {2, 1} -> same, overlap 1; q1: {3, 4} vs {3, 5} -> not same, overlap 1/2
+    same, overlap = top_k_agreement(np.array([[1, 2], [3, 4]]), np.array([[2, 1], [3, 5]]))
+    assert same == pytest.approx(0.5) and overlap == pytest.approx(0.75)

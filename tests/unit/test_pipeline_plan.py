@@ -1,20 +1,20 @@
 import pytest
 
-from jobs.pipeline import READ_NUM_CPUS, WRITER_NUM_CPUS, plan_compute
+from jobs.pipeline import io_reserve_cpus, plan_compute
 from reembed.errors import ConfigError
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4, 16, 64])
 @pytest.mark.parametrize("writers", [1, 2, 3, 8])
 def test_cpu_actors_always_leave_room_for_reads_and_writes(cpus, writers):
-    reserve = 2 * READ_NUM_CPUS + writers * WRITER_NUM_CPUS
+    reserve = io_reserve_cpus(writers)  # reads, change detectors, writers
     if cpus - reserve < 0.05 * cpus:
         with pytest.raises(ConfigError, match="fewer --writers"):
             plan_compute(None, "auto", 64, writers, 512, None, shape=(float(cpus), 0, 1))
         return
     plan = plan_compute(None, "auto", 64, writers, 512, None, shape=(float(cpus), 0, 1))
     assert plan.device == "cpu" and plan.actors == cpus and plan.threads_per_actor == 1
-    used = plan.actors * plan.cpus_per_actor + 2 * READ_NUM_CPUS + writers * WRITER_NUM_CPUS
+    used = plan.actors * plan.cpus_per_actor + reserve
     assert used <= cpus  # otherwise Ray Data cannot schedule a read and the job waits forever
 
 

@@ -1,7 +1,11 @@
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
-from reembed.store import CollectionIdentity, ServerCapabilities, _chunks_by_bytes, vector_payload
+from reembed.errors import CapabilityError
+from reembed.store import CollectionIdentity, ServerCapabilities, _chunks_by_bytes, metric_for, vector_payload
 
 
 def test_capabilities_follow_server_version():
@@ -46,3 +50,27 @@ def test_requests_are_chunked_under_byte_budget():
 def test_vector_payload_dtype(vtype, dtype):
     out = vector_payload(np.array([[1, -2]], dtype=np.int8), vtype)
     assert out[0].dtype == dtype and out[0].tolist() == [1, -2]
+
+
+def test_binary_is_refused_where_there_is_no_binary_vector():
+    lite = ServerCapabilities.from_version("milvus_lite-3.2.2")
+    with pytest.raises(CapabilityError, match="BINARY_VECTOR.*not emulated"):
+        lite.vector_type_for("binary")
+    assert ServerCapabilities.from_version("v2.3.5-lite").vector_type_for("binary") == "BINARY_VECTOR"
+
+
+def test_binary_payload_is_packed_bytes_and_searched_by_hamming():
+    bits = np.array([[0b10100101, 0xFF], [0, 1]], dtype=np.uint8)
+    assert vector_payload(bits, "BINARY_VECTOR") == [b"\xa5\xff", b"\x00\x01"]
+    with pytest.raises(ValueError, match="packed uint8"):
+        vector_payload(np.zeros((1, 16), np.float32), "BINARY_VECTOR")
+    assert metric_for("BINARY_VECTOR") == "HAMMING"
+    assert metric_for("FLOAT_VECTOR") == metric_for("INT8_VECTOR") == "IP"
+
+
+def test_identity_without_rerank_reads_as_none_and_rerank_must_match():
+    old = json.loads(identity().to_json())
+    del old["rerank"]  # written before re-rank copies existed
+    assert CollectionIdentity.from_json(json.dumps(old)).rerank is None
+    with_copies = dataclasses.replace(identity(), rerank="float16-base64")
+    assert with_copies.differences(identity()) == ["rerank: collection has 'float16-base64', this run has None"]
