@@ -15,7 +15,19 @@ import pytest
 
 from jobs.backup import main
 from reembed.backup import iter_partition_rows
-from reembed.documents import C_HASH, C_ID, C_PARTITION, C_RAW, C_REJECT, C_SOURCE, C_TEXT, content_hash
+from reembed.documents import (
+    C_HASH,
+    C_ID,
+    C_PARTITION,
+    C_RAW,
+    C_REJECT,
+    C_SHARD,
+    C_SOURCE,
+    C_STATUS,
+    C_TEXT,
+    S_NEW,
+    content_hash,
+)
 from reembed.ingest import C_VECTOR, BatchWriter
 from reembed.quantize import fit_int8
 from reembed.store import (
@@ -32,6 +44,8 @@ from reembed.store import (
 DIM = 384
 PARTITIONS = ["part_0000", "part_0001", "part_0002"]
 FIELDS = [F_ID, F_VECTOR, F_TEXT, F_HASH, F_PARTITION]
+
+pytestmark = pytest.mark.integration
 
 
 def make_collection(uri: str, name: str, rows: int = 2_400) -> None:
@@ -69,9 +83,11 @@ def make_collection(uri: str, name: str, rows: int = 2_400) -> None:
         C_SOURCE: np.array(["gen"] * rows, dtype=object),
         C_REJECT: np.array([""] * rows, dtype=object),
         C_RAW: np.array([""] * rows, dtype=object),
+        C_STATUS: np.array([S_NEW] * rows, dtype=object),
+        C_SHARD: np.array(["gen"] * rows, dtype=object),
         C_VECTOR: calibration.quantize(floats),
     }
-    writer = BatchWriter(uri, None, name, "FLOAT_VECTOR", 2048, partition_by_field=False)
+    writer = BatchWriter(uri, None, name, "FLOAT_VECTOR", 2048)
     summary = writer(batch)
     writer.store.flush(name)
     writer.store.close()

@@ -12,10 +12,10 @@ from reembed.errors import ConfigError
 from reembed.lite import LiteServer
 from reembed.search import Searcher
 from reembed.store import F_ID, F_PARTITION, MilvusStore
-from tests.conftest import read_jsonl, write_jsonl
+from tests.conftest import cranfield_docs, write_jsonl
 from tests.integration.test_backfill_lite import backfill_argv
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def test_bulk_is_refused_on_milvus_lite_before_any_work(tmp_path):
@@ -36,19 +36,19 @@ def test_bulk_is_refused_on_milvus_lite_before_any_work(tmp_path):
 
 @pytest.mark.milvus_server
 def test_bulk_backfill_into_milvus_server(tmp_path, cranfield, ray_local, milvus_server):
-    docs = read_jsonl(cranfield / "corpus.jsonl")[:200]
+    docs = cranfield_docs(cranfield, 128)
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
     argv = backfill_argv(tmp_path, src, collection="bulk_docs", milvus_uri=milvus_server, partitions=2)
     # The standalone server has local storage: it opens the staged files by absolute path.
     staging = tmp_path / "staging"
     staging.mkdir()
-    argv += ["--write-mode", "bulk", "--bulk-dir", str(staging), "--bulk-file-rows", "64"]
+    argv += ["--write-mode", "bulk", "--bulk-dir", str(staging), "--bulk-file-rows", "32"]
     store = MilvusStore(milvus_server)
     try:
         summary = run(parse_config(argv))
-        assert summary["write_mode"] == "bulk" and summary["written"] == 200 and summary["rejected"] == 0
-        # At least one Parquet file per 64-row batch per partition, all imported.
-        assert summary["bulk_import"]["rows"] == 200 and summary["bulk_import"]["files"] >= 4
+        assert summary["write_mode"] == "bulk" and summary["written"] == 128 and summary["rejected"] == 0
+        # At least one Parquet file per 32 rows, all imported.
+        assert summary["bulk_import"]["rows"] == 128 and summary["bulk_import"]["files"] >= 4
         rows = store.query("bulk_docs", f'{F_ID} != ""', [F_ID, F_PARTITION], limit=1000)
         assert sorted(r[F_ID] for r in rows) == sorted(d["_id"] for d in docs)
         assert {r[F_PARTITION] for r in rows} == {"part_0000", "part_0001"}
@@ -59,9 +59,9 @@ def test_bulk_backfill_into_milvus_server(tmp_path, cranfield, ray_local, milvus
         assert not any(staged.rglob("*.parquet"))
 
         # Import inserts: a second bulk run into a collection with rows is refused before any work.
-        with pytest.raises(ConfigError, match="already has 200 rows; use --write-mode upsert"):
+        with pytest.raises(ConfigError, match="already has 128 rows; use --write-mode upsert"):
             run(parse_config(argv))
-        assert store.count("bulk_docs") == 200
+        assert store.count("bulk_docs") == 128
     finally:
         if store.has_collection("bulk_docs"):
             store.drop_collection("bulk_docs")
