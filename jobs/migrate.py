@@ -228,8 +228,8 @@ def build(
     record = versions.get(number) or VersionRecord(
         alias=cfg.alias, version=number, collection=collection, state=BUILDING, model=model, precision=cfg.precision
     )
-    resumed = record.state != BUILDING or record.started_at is not None
-    record.state, record.started_at, record.finished_at = BUILDING, now_iso(), None
+    resumed = record.started_at is not None
+    record.state, record.started_at, record.finished_at = BUILDING, record.started_at or now_iso(), None
     record.error, record.gate = None, None
     registry.put_version(record)
     logger.info(
@@ -251,7 +251,8 @@ def build(
             registry.put_version(record)
         raise
     identity = store.read_identity(collection)
-    record.build_seconds = round(time.monotonic() - started, 3)
+    # A resumed build adds this run's time to the earlier runs'.
+    record.build_seconds = round((record.build_seconds or 0.0) + time.monotonic() - started, 3)
     record.model_identity = identity.model if identity else {}
     record.rows = store.count(collection)
     record.backfill = {key: summary.get(key) for key in SUMMARY_KEPT}

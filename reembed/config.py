@@ -189,7 +189,7 @@ class ServiceConfig(BaseSettings):
 
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on /search")
     search_timeout_s: float = Field(5.0, gt=0, le=600)
-    identity_refresh_s: float = Field(5.0, gt=0, le=3600, description="how often an alias's target is re-read")
+    identity_refresh_s: float = Field(2.0, gt=0, le=3600, description="how often an alias's target is re-read")
 
     @field_validator("output_fields", mode="before")
     @classmethod
