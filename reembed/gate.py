@@ -89,15 +89,14 @@ def first_sentence(text: str, max_chars: int = SAMPLED_QUERY_MAX_CHARS) -> str:
 def read_beir_queries(queries_path: str, qrels_path: str | None) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
     """BEIR queries.jsonl ({"_id", "text"}) and, optionally, a qrels TSV (query-id, corpus-id, score)."""
     queries: dict[str, str] = {}
-    n = 0
     try:
         with open(queries_path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+            for line in fh:
                 if line.strip():
                     record = json.loads(line)
                     queries[str(record["_id"])] = str(record["text"])
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"queries: cannot read BEIR queries from {queries_path!r} (line {n}?): {exc}") from exc
+        raise ConfigError(f"queries: cannot read BEIR queries from {queries_path!r} : {exc}") from exc
     qrels: dict[str, dict[str, int]] = {}
     if qrels_path:
         try:
@@ -114,9 +113,7 @@ def read_beir_queries(queries_path: str, qrels_path: str | None) -> tuple[dict[s
     return queries, qrels
 
 
-def given_golden_queries(
-    queries_path: str, qrels_path: str | None, limit: int, seed: int
-) -> GoldenQueries:
+def given_golden_queries(queries_path: str, qrels_path: str | None, limit: int, seed: int) -> GoldenQueries:
     """The given queries (those with judgements, where qrels are given), a seeded sample of `limit`."""
     queries, qrels = read_beir_queries(queries_path, qrels_path)
     ids = [q for q in queries if q in qrels] if qrels_path else list(queries)
@@ -297,9 +294,8 @@ def run_gate(
         recall = round(top_k_overlap(new.run, dict(zip(golden.ids, exact, strict=True)), k), 4)
         checks.append(_check(f"ann_recall@{k}", recall, ">=", thresholds.min_ann_recall, f"HNSW ef={ef} vs exact"))
     else:
-        checks.append(
-            _check(f"ann_recall@{k}", None, ">=", thresholds.min_ann_recall, f"not measured: over {exact_max_rows} rows")
-        )
+        note = f"not measured: over {exact_max_rows} rows"
+        checks.append(_check(f"ann_recall@{k}", None, ">=", thresholds.min_ann_recall, note))
     ndcg_key = f"ndcg@{k}"
     if golden.qrels:
         judged = "given qrels" if golden.source == "given" else "sampled: the source document is the relevant one"
@@ -354,9 +350,11 @@ def run_gate(
 
 def format_gate(report: dict[str, Any]) -> str:
     """The gate as a person reads it: one line per check."""
-    lines = [f"gate {'PASSED' if report['passed'] else 'FAILED'} ({report['queries']['count']} {report['queries']['source']} queries, k={report['k']})"]
+    queries = report["queries"]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines = [f"gate {verdict} ({queries['count']} {queries['source']} queries, k={report['k']})"]
     for c in report["checks"]:
-        verdict = {True: "ok", False: "FAIL", None: "-"}[c["passed"]]
+        mark = {True: "ok", False: "FAIL", None: "-"}[c["passed"]]
         threshold = c["threshold"] or "off"
-        lines.append(f"  {verdict:4} {c['name']}: {c['value']} (wanted {threshold}) {c.get('note') or ''}".rstrip())
+        lines.append(f"  {mark:4} {c['name']}: {c['value']} (wanted {threshold}) {c.get('note') or ''}".rstrip())
     return "\n".join(lines)

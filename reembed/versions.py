@@ -166,9 +166,8 @@ class VersionRegistry:
         index = self.store.client.prepare_index_params()
         index.add_index(R_VECTOR, index_type="FLAT", metric_type="L2")
         try:
-            self.store._call(
-                "create_collection", self.store.client.create_collection, self.collection, schema=schema, index_params=index
-            )
+            create = self.store.client.create_collection
+            self.store._call("create_collection", create, self.collection, schema=schema, index_params=index)
         except ReembedError:
             if not self.store.has_collection(self.collection):  # another migrate may have made it meanwhile
                 raise
