@@ -177,8 +177,9 @@ class VersionRegistry:
         if len(text.encode()) > RECORD_MAX_BYTES:
             raise ReembedError(f"registry record {key!r} is {len(text.encode())} bytes, over {RECORD_MAX_BYTES}")
         row = {R_KEY: key, R_ALIAS: alias, R_RECORD: text, R_VECTOR: [0.0, 0.0]}
+        # No flush: the write is durable once acknowledged (Milvus's log; Milvus Lite's file), and
+        # Strong reads see it. A flush per record costs seconds on a server.
         self.store._call("upsert", self.store.client.upsert, self.collection, [row])
-        self.store.flush(self.collection)
 
     def _rows(self, alias: str) -> list[dict[str, Any]]:
         if not self.store.has_collection(self.collection):
