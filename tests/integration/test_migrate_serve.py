@@ -215,5 +215,5 @@ def test_switch_and_rollback_under_load(service, versions, cranfield, capsys):
     rate = len(results) / (results[-1]["done"] - load.started)
     print(
         f"{len(results)} answers ({dict(by_collection)}), {rate:.1f}/s; --switch-to took {switched - switch_at:.2f} s, "
-        f"the service followed within {followed:.2f} s"
+        f"the service followed within {followed:.2f} s; Milvus at {versions['uri']}"
     )
