@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 EmbedFn = Callable[[dict[str, Any], list[str]], Awaitable[list[np.ndarray]]]
 CheckFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MILVUS_SERVER_THREADS = 16
+# A target older than this many refresh intervals is re-read before a request uses it.
+IDLE_REFRESH_FACTOR = 5
 
 
 class RequestError(Exception):
@@ -149,9 +151,14 @@ class SearchService:
         waits on a model load and none mixes one pair's model with the other's collection."""
         current = self._target
         if current and not force:
-            if time.monotonic() - current.resolved_at >= self.cfg.identity_refresh_s:
+            age = time.monotonic() - current.resolved_at
+            if age < self.cfg.identity_refresh_s:
+                return current
+            if age < IDLE_REFRESH_FACTOR * self.cfg.identity_refresh_s:
                 self._refresh_in_background()
-            return current
+                return current
+            # After an idle spell the pair may be several switches old (its collection even dropped
+            # since): the first request re-reads it before answering.
         return await self._refresh(force)
 
     def _refresh_in_background(self) -> None:
@@ -165,7 +172,8 @@ class SearchService:
             current = self._target
             if current is not None:
                 self._target = replace(current, resolved_at=time.monotonic())  # try again after the interval
-            logger.warning("re-reading %r failed, serving %r meanwhile: %s", self.cfg.collection, current, exc)
+            serving = current.collection if current else None
+            logger.warning("re-reading %r failed, serving %r meanwhile: %s", self.cfg.collection, serving, exc)
 
     async def _refresh(self, force: bool) -> Target:
         async with self._refresh_lock:

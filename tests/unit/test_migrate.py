@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -21,7 +22,7 @@ from reembed.gate import (
     sampled_golden_queries,
 )
 from reembed.versions import AliasRecord, VersionRecord, parse_version, version_collection
-from serve.service import SearchService
+from serve.service import IDLE_REFRESH_FACTOR, SearchService
 from tests.conftest import write_jsonl
 from tests.unit.test_service import make_target
 
@@ -162,22 +163,48 @@ def test_service_keeps_its_pair_until_the_new_model_is_loaded():
         return {}
 
     async def scenario():
-        svc = SearchService(ServiceConfig(milvus_uri="http://127.0.0.1:1", identity_refresh_s=0.01), None, check)
+        # Stale after 0.2 s; re-read in the foreground only after 5 x 0.2 s, well past this scenario.
+        svc = SearchService(ServiceConfig(milvus_uri="http://127.0.0.1:1", identity_refresh_s=0.2), None, check)
 
         async def resolve(fn):
-            return replace(new, resolved_at=__import__("time").monotonic())
+            return replace(new, resolved_at=time.monotonic())
 
         svc._milvus = resolve
-        svc._target = old
+        svc._target = replace(old, resolved_at=time.monotonic())
         svc._checked_models.add(old.model_key)
-        await asyncio.sleep(0.02)  # the old pair is stale now
-        assert await svc.target() is old  # answered at once, a refresh starts
-        await asyncio.sleep(0.01)
-        assert checked == ["m2"] and await svc.target() is old  # still loading the new model
+        await asyncio.sleep(0.25)  # the old pair is stale now
+        assert (await svc.target()).collection == "docs"  # answered at once, a refresh starts
+        await asyncio.sleep(0.05)
+        assert checked == ["m2"] and (await svc.target()).collection == "docs"  # still loading the new model
         loaded.set()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         got = await svc.target()
         assert got.collection == "docs_v2" and got.model_key == "m2@bbbb/8"
         svc.close()
 
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+
+
+def test_service_rereads_a_long_idle_pair_before_answering():
+    """After an idle spell longer than IDLE_REFRESH_FACTOR intervals the pair may be several
+    switches old (its collection dropped since): the first request waits for the re-read."""
+    old = make_target()
+    new = replace(old, collection="docs_v3")
+
+    async def check(model):
+        return {}
+
+    async def scenario():
+        svc = SearchService(ServiceConfig(milvus_uri="http://127.0.0.1:1", identity_refresh_s=0.01), None, check)
+
+        async def resolve(fn):
+            return replace(new, resolved_at=time.monotonic())
+
+        svc._milvus = resolve
+        svc._checked_models.add(old.model_key)
+        svc._target = replace(old, resolved_at=time.monotonic() - IDLE_REFRESH_FACTOR * 0.01 - 1)
+        got = await svc.target()
+        assert got.collection == "docs_v3"  # not the idle pair, not even once
+        svc.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=10))
