@@ -245,8 +245,15 @@ def write(
 def sample_embeddings(docs: ray.data.Dataset, size: int, source: ModelSource, compute: ComputePlan) -> np.ndarray:
     """Float embeddings of the first `size` good documents: the int8 calibration sample."""
     sample = new_documents(docs).limit(size)
-    floats = embed(sample, source, "float32", None, compute)
-    parts = [b[C_VECTOR] for b in floats.select_columns([C_VECTOR]).iter_batches(batch_format="numpy")]
+    if compute.device == "cpu":
+        # On CPUs the driver embeds the sample itself, as fast as one actor would: starting an actor
+        # pool for a thousand documents (processes, torch import, model load) costs more than that.
+        encoder = DocumentEncoder(source, "float32", None, device="cpu", batch_size=compute.batch_size, threads=None)
+        batches = sample.iter_batches(batch_size=compute.rows_per_call, batch_format="numpy")
+        parts = [encoder(b)[C_VECTOR] for b in batches]
+    else:
+        floats = embed(sample, source, "float32", None, compute)
+        parts = [b[C_VECTOR] for b in floats.select_columns([C_VECTOR]).iter_batches(batch_format="numpy")]
     return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
 
 

@@ -13,9 +13,9 @@ from jobs.backfill import parse_config, run
 from reembed.errors import ConfigError, ModelMismatchError, StoreUnavailableError
 from reembed.search import Searcher
 from reembed.store import F_ID, MilvusStore
-from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.conftest import REPO, cranfield_docs, read_jsonl, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def backfill_argv(tmp_path: Path, input_path: Path, collection: str = "docs", db: str = "m.db", **flags) -> list:
@@ -93,7 +93,7 @@ def test_cranfield_backfill_finds_relevant_documents(cranfield_backfill, cranfie
 
 
 def test_rerun_is_idempotent_and_cli_prints_summary(tmp_path, cranfield, ray_local):
-    docs = read_jsonl(cranfield / "corpus.jsonl")[:60]
+    docs = cranfield_docs(cranfield, 60)
     src = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)
     first = backfill(tmp_path, src, partitions=3)
     assert first["written"] == 60
@@ -147,7 +147,7 @@ def test_documents_the_calibration_does_not_fit_are_flagged_as_drift(tmp_path, c
 
 
 def test_bad_rows_are_counted_and_kept_with_reasons(tmp_path, cranfield, ray_local):
-    good = read_jsonl(cranfield / "corpus.jsonl")[:20]
+    good = cranfield_docs(cranfield, 20)
     bad = [
         {"title": "no id here", "text": "some text"},
         {"_id": "empty", "title": "", "text": "   "},
@@ -188,7 +188,7 @@ def test_bad_rows_are_counted_and_kept_with_reasons(tmp_path, cranfield, ray_loc
 
 
 def test_partition_by_field_uses_valid_names(tmp_path, cranfield, ray_local):
-    docs = read_jsonl(cranfield / "corpus.jsonl")[:12]
+    docs = cranfield_docs(cranfield, 12)
     for i, d in enumerate(docs):
         d["lang"] = ["en", "en-US", "fr"][i % 3]
     src = write_jsonl(tmp_path / "p.jsonl", docs)
@@ -206,7 +206,7 @@ def test_partition_by_field_uses_valid_names(tmp_path, cranfield, ray_local):
 
 
 def test_other_model_on_same_collection_is_refused(tmp_path, cranfield, ray_local, tiny_model):
-    src = write_jsonl(tmp_path / "a.jsonl", read_jsonl(cranfield / "corpus.jsonl")[:8])
+    src = write_jsonl(tmp_path / "a.jsonl", cranfield_docs(cranfield, 8))
     backfill(tmp_path, src)
     with pytest.raises(ModelMismatchError) as err:
         backfill(tmp_path, src, model=str(tiny_model))
@@ -217,7 +217,7 @@ def test_other_model_on_same_collection_is_refused(tmp_path, cranfield, ray_loca
 
 
 def test_bad_config_fails_before_any_work(tmp_path, cranfield):
-    src = write_jsonl(tmp_path / "a.jsonl", read_jsonl(cranfield / "corpus.jsonl")[:3])
+    src = write_jsonl(tmp_path / "a.jsonl", cranfield_docs(cranfield, 3))
     with pytest.raises(ConfigError, match="does not exist"):
         backfill(tmp_path, tmp_path / "missing.jsonl")
     with pytest.raises(ConfigError, match="id_field: 'doc_id'"):
@@ -239,7 +239,7 @@ def test_directory_of_jsonl_and_parquet_through_a_filesystem_uri(tmp_path, cranf
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    docs = read_jsonl(cranfield / "corpus.jsonl")[:16]
+    docs = cranfield_docs(cranfield, 16)
     folder = tmp_path / "mixed"
     write_jsonl(folder / "part-a.jsonl", docs[:8])
     rows = [{"_id": d["_id"], "title": d["title"], "text": d["text"]} for d in docs[8:]]

@@ -9,24 +9,24 @@ import pytest
 
 from reembed.search import Searcher
 from reembed.store import F_ID, F_PARTITION, MilvusStore
-from tests.conftest import read_jsonl, write_jsonl
+from tests.conftest import cranfield_docs, write_jsonl
 from tests.integration.test_backfill_lite import backfill_argv
 from tests.integration.test_incremental import assert_collection_is, backfill, good_docs, wait_for_record
 
-pytestmark = [pytest.mark.slow, pytest.mark.milvus_server]
+pytestmark = [pytest.mark.integration, pytest.mark.milvus_server]
 
 
 def test_backfill_into_milvus_server_with_concurrent_writers(tmp_path, cranfield, ray_local, milvus_server):
     from jobs.backfill import parse_config, run
 
-    docs = read_jsonl(cranfield / "corpus.jsonl")[:300]
+    docs = cranfield_docs(cranfield, 150)
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
     argv = backfill_argv(
         tmp_path, src, collection="server_docs", milvus_uri=milvus_server, partitions=3, writers=3, write_batch_rows=32
     )
     first = run(parse_config(argv))
     assert first["milvus"].startswith("v2.3") and first["vector_type"] == "FLOAT_VECTOR"
-    assert first["written"] == 300 and first["rejected"] == 0
+    assert first["written"] == 150 and first["rejected"] == 0
     again = run(parse_config(argv))  # nothing changed: every shard is skipped
     assert (again["read"], again["written"], again["shards"]["skipped"]) == (0, 0, first["shards"]["total"])
     second = run(parse_config([*argv, "--full"]))  # everything re-embedded: upserts by id leave the same rows
@@ -50,7 +50,7 @@ def test_document_that_changes_partition_is_not_kept_twice(tmp_path, cranfield, 
     """On a real server an upsert replaces a row only within its partition: the job deletes the old copy."""
     from jobs.backfill import parse_config, run
 
-    docs = read_jsonl(cranfield / "corpus.jsonl")[:6]
+    docs = cranfield_docs(cranfield, 6)
     for i, d in enumerate(docs):
         d["year"] = "y1960" if i % 2 else "y1961"
     src = write_jsonl(tmp_path / "a.jsonl", docs)

@@ -11,7 +11,7 @@ from jobs.evaluate import main
 from reembed.evaluation import MODES
 from tests.conftest import read_jsonl, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 N_DOCS = 160
 

@@ -23,7 +23,7 @@ from reembed.search import QueryCodec, Searcher, search_collection
 from reembed.store import DEFAULT_PARTITION, F_HASH, F_PARTITION, F_RERANK, F_TEXT, CollectionIdentity, MilvusStore
 from tests.conftest import read_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.milvus_server]
+pytestmark = [pytest.mark.integration, pytest.mark.milvus_server]
 
 COLLECTION = "eval_test_binary"
 

@@ -15,7 +15,7 @@ from reembed.lite import LiteServer
 from reembed.store import MilvusStore
 from tests.conftest import read_jsonl, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 N_DOCS = 100
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -21,9 +21,9 @@ from reembed.config import ServiceConfig
 from reembed.lite import LiteServer
 from reembed.search import Searcher, model_key
 from reembed.store import MilvusStore
-from tests.conftest import read_jsonl, write_jsonl
+from tests.conftest import cranfield_docs, read_jsonl, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 N_DOCS = 150
 CLIENTS = 4
@@ -55,7 +55,7 @@ def milvus_uri(request, tmp_path_factory):
 def versions(tmp_path_factory, cranfield, ray_local, tiny_model, milvus_uri):
     """live_v1 (MiniLM, int8) behind the alias `live`, and live_v2 (tiny, float32) built and gated."""
     root = tmp_path_factory.mktemp("migrate-serve")
-    corpus = write_jsonl(root / "corpus.jsonl", read_jsonl(cranfield / "corpus.jsonl")[:N_DOCS])
+    corpus = write_jsonl(root / "corpus.jsonl", cranfield_docs(cranfield, N_DOCS))
     common = ["--alias", "live", "--milvus-uri", milvus_uri, "--input", str(corpus), "--output-dir", str(root)]
     common += ["--actors", "1", "--writers", "1", "--device", "cpu", "--gate-queries", "20"]
     assert main([*common, "--to-model", "all-MiniLM-L6-v2", "--calibration-sample", "64"]) == 0

@@ -16,9 +16,9 @@ from reembed.embedder import describe_model
 from reembed.lite import LiteServer
 from reembed.search import Searcher
 from reembed.store import MilvusStore
-from tests.conftest import read_jsonl, write_jsonl
+from tests.conftest import cranfield_docs, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 API_KEY = "s3cret-key"
 QUERY = "the boundary layer in simple shear flow past a flat plate"
@@ -58,7 +58,7 @@ def service(tmp_path_factory, cranfield, ray_local, lite):
     from serve.app import build_app
 
     tmp = tmp_path_factory.mktemp("serve-data")
-    docs = read_jsonl(cranfield / "corpus.jsonl")[:300]
+    docs = cranfield_docs(cranfield, 300)
     corpus = write_jsonl(tmp / "corpus.jsonl", docs)
     summary = run(
         parse_config(
