@@ -205,7 +205,7 @@ class ServiceConfig(BaseSettings):
 
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on /search")
     search_timeout_s: float = Field(5.0, gt=0, le=600)
-    identity_refresh_s: float = Field(5.0, gt=0, le=3600, description="how often an alias's target is re-read")
+    identity_refresh_s: float = Field(2.0, gt=0, le=3600, description="how often an alias's target is re-read")
 
     @field_validator("output_fields", mode="before")
     @classmethod
@@ -309,3 +309,138 @@ class EvaluateConfig(BaseSettings):
         if missing:
             raise ValueError(f"beir: expected a BEIR folder holding {', '.join(missing)}, got {self.beir!r}")
         return self
+
+
+MigrateAction = Literal["build", "status", "rollback", "switch_to", "drop", "keep"]
+# `{alias}_v{N}` must stay a valid Milvus name: leave room for the suffix.
+ALIAS_MAX_CHARS = 240
+# MigrateConfig's settings that the backfill job building a version takes as they are.
+_BACKFILL_SETTINGS = (
+    *("input", "id_field", "text_fields", "partition_by", "partitions", "device", "precision", "int8_scheme"),
+    *("calibration_sample", "calibration_quantile", "milvus_token", "hnsw_m", "hnsw_ef_construction", "actors"),
+    *("threads_per_actor", "batch_size", "writers", "max_text_bytes", "output_dir"),
+)
+
+
+class MigrateConfig(BaseSettings):
+    """Everything `python -m jobs.migrate` needs; `REEMBED_*` environment variables too.
+
+    One action per run: build the next version (`input` and `to_model`, optionally `switch`),
+    `status`, `rollback`, `switch_to` a built version, `drop` one version, or `keep` the newest N.
+    The backfill settings below are handed to the job that builds the version."""
+
+    model_config = SettingsConfigDict(env_prefix="REEMBED_", extra="forbid")
+
+    alias: str = Field(..., description="the alias the service queries; versions are <alias>_v<N>")
+    input: str | None = Field(None, description="the corpus to build the next version from")
+    to_model: str | None = Field(None, description="hub name or local path of the next version's model")
+    precision: Precision = "int8"
+    milvus_uri: str = DEFAULT_MILVUS_URI
+    milvus_token: str | None = None
+    registry: str = Field("reembed_versions", description="collection holding the version records")
+
+    switch: bool = Field(False, description="move the alias to the new version if its gate passes")
+    status: bool = False
+    rollback: bool = False
+    switch_to: int | None = Field(None, ge=0, description="point the alias at this built version")
+    drop: int | None = Field(None, ge=0, description="drop this version's collection")
+    keep: int | None = Field(None, ge=0, le=10_000, description="drop all but the newest N versions")
+
+    # The gate: golden queries given, or sampled from the corpus.
+    queries: str | None = Field(None, description="BEIR queries.jsonl for the gate")
+    qrels: str | None = Field(None, description="BEIR qrels TSV (query-id, corpus-id, score)")
+    gate_queries: int = Field(100, ge=1, le=100_000, description="golden queries used (a seeded sample)")
+    gate_seed: int = 0
+    gate_k: int = Field(10, ge=1, le=1000)
+    gate_ef: int = Field(64, ge=1, le=32_768, description="HNSW ef of the gate's searches (the service's default)")
+    gate_min_ann_recall: float | None = Field(0.95, ge=0, le=1)
+    gate_max_ndcg_drop: float | None = Field(0.02, ge=0, le=1)
+    gate_min_ndcg: float | None = Field(None, ge=0, le=1)
+    gate_min_overlap: float | None = Field(None, ge=0, le=1)
+    gate_max_search_p95_ms: float | None = Field(250.0, gt=0)
+    gate_max_row_diff: float | None = Field(0.0, ge=0)
+    gate_exact_max_rows: int = Field(1_000_000, ge=1, description="exact search for ann_recall up to this many rows")
+
+    # Handed to the backfill job.
+    id_field: str = "_id"
+    text_fields: list[str] = Field(default_factory=lambda: ["title", "text"])
+    partition_by: str | None = None
+    partitions: int = Field(1, ge=1, le=1024)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    int8_scheme: Int8Scheme = "global"
+    calibration_sample: int = Field(1024, ge=16, le=1_000_000)
+    calibration_quantile: float = Field(0.9999, gt=0.5, le=1.0)
+    hnsw_m: int = Field(32, ge=4, le=64)
+    hnsw_ef_construction: int = Field(200, ge=8, le=1024)
+    actors: int | None = Field(None, ge=1, le=1024)
+    threads_per_actor: int | None = Field(None, ge=1, le=256)
+    batch_size: int = Field(64, ge=1, le=4096)
+    writers: int = Field(2, ge=1, le=256)
+    max_text_bytes: int = Field(65_535, ge=256, le=65_535)
+    output_dir: str = "./data/runs"
+
+    _split_text_fields = field_validator("text_fields", mode="before")(BackfillConfig._split_fields.__func__)
+
+    @field_validator("alias", "registry")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not MILVUS_NAME_RE.match(value) or len(value) > ALIAS_MAX_CHARS:
+            raise ValueError(
+                f"expected letters, digits and underscores, not starting with a digit, at most {ALIAS_MAX_CHARS} "
+                f"characters, got {value!r}"
+            )
+        return value
+
+    @property
+    def action(self) -> MigrateAction:
+        """What this run does; `keep` given with a build applies after the build's switch."""
+        chosen = self.actions()
+        if chosen:
+            return chosen[0]
+        return "build" if self.input is not None else "keep"
+
+    def actions(self) -> list[MigrateAction]:
+        flags: dict[MigrateAction, bool] = {
+            "status": self.status,
+            "rollback": self.rollback,
+            "switch_to": self.switch_to is not None,
+            "drop": self.drop is not None,
+        }
+        return [name for name, on in flags.items() if on]
+
+    @model_validator(mode="after")
+    def _check_action(self) -> MigrateConfig:
+        chosen = self.actions()
+        if len(chosen) > 1:
+            raise ValueError(f"expected one of status, rollback, switch_to, drop, got {', '.join(chosen)}")
+        building = not chosen and (self.input is not None or self.to_model is not None)
+        if not chosen and not building and self.keep is None:
+            raise ValueError(
+                "nothing to do: give input and to_model to build a version, or one of status, rollback, switch_to, "
+                "drop, keep"
+            )
+        if self.switch and not building:
+            raise ValueError(
+                "switch: moves the alias to the version this run builds (input and to_model); use switch_to N"
+            )
+        if building and (self.input is None or self.to_model is None):
+            missing = "input" if self.input is None else "to_model"
+            raise ValueError(f"{missing}: building a version needs both input and to_model")
+        if chosen and (self.input is not None or self.to_model is not None or self.switch or self.keep is not None):
+            raise ValueError(f"{chosen[0]} takes no input, to_model, switch or keep")
+        if self.qrels and not self.queries:
+            raise ValueError("qrels: judgements need their queries too (queries=BEIR queries.jsonl)")
+        for name in ("queries", "qrels"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name}: expected an existing file, got {path!r}")
+        return self
+
+    def backfill_settings(self, collection: str, milvus_uri: str) -> dict[str, Any]:
+        """The backfill job's settings for building `collection`."""
+        return {
+            **{name: getattr(self, name) for name in _BACKFILL_SETTINGS},
+            "model": self.to_model,
+            "collection": collection,
+            "milvus_uri": milvus_uri,
+        }

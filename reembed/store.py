@@ -473,6 +473,60 @@ class MilvusStore:
             deleted += len(chunk)
         return deleted
 
+    def iter_rows(
+        self, collection: str, fields: list[str], batch_size: int = 1000, filter_expr: str = f'{F_ID} != ""'
+    ) -> Iterable[list[dict[str, Any]]]:
+        """Every row of `collection` (these fields and the id), in batches, streamed with a query iterator."""
+        self.load(collection)
+        iterator = self._call(
+            "query_iterator",
+            self.client.query_iterator,
+            collection,
+            batch_size=batch_size,
+            filter=filter_expr,
+            output_fields=[F_ID, *fields],
+        )
+        try:
+            while True:
+                rows = self._call("query_iterator.next", iterator.next)
+                if not rows:
+                    return
+                yield rows
+        finally:
+            with contextlib.suppress(Exception):
+                iterator.close()
+
+    # --- aliases ------------------------------------------------------------------------------
+
+    def alias_target(self, alias: str) -> str | None:
+        """The collection alias `alias` points at; None if there is no such alias.
+
+        Raises ConfigError where `alias` is the name of a collection itself: one name cannot be both.
+        """
+        if not self.has_collection(alias):
+            return None
+        target = str(self._call("describe_collection", self.client.describe_collection, alias)["collection_name"])
+        if target == alias:
+            raise ConfigError(
+                f"alias: {alias!r} is a collection, not an alias; a versioned deployment needs a name no collection "
+                "has (serve the new alias instead, or rename)"
+            )
+        return target
+
+    def aliases_of(self, collection: str) -> list[str]:
+        """The aliases that point at `collection`."""
+        found = self._call("list_aliases", self.client.list_aliases, collection)
+        return list(found.get("aliases", []) if isinstance(found, dict) else found)
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        """Point `alias` at `collection` in one server-side step: alter_alias where the alias exists,
+        create_alias otherwise. A reader sees the old target or the new one, never neither."""
+        if self.has_collection(alias):
+            self._call("alter_alias", self.client.alter_alias, collection, alias)
+        else:
+            self._call("create_alias", self.client.create_alias, collection, alias)
+        logger.info("alias %r -> %r", alias, collection)
+
     def collection_id(self, name: str) -> str:
         """Milvus's own id of the collection behind `name`: it changes when a collection is re-created."""
         desc = self._call("describe_collection", self.client.describe_collection, name)

@@ -68,7 +68,8 @@ class SearchResponse(BaseModel):
 
     results: list[SearchHit] | list[list[SearchHit]]
     model: str
-    collection: str
+    model_key: str = Field(description="name@weights-hash/dimension of the model that embedded the query")
+    collection: str = Field(description="the concrete collection searched (behind the alias)")
     k: int
     cache_hits: int
     timing_ms: Timing

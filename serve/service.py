@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 EmbedFn = Callable[[dict[str, Any], list[str]], Awaitable[list[np.ndarray]]]
 CheckFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MILVUS_SERVER_THREADS = 16
+# A target older than this many refresh intervals is re-read before a request uses it.
+IDLE_REFRESH_FACTOR = 5
 
 
 class RequestError(Exception):
@@ -91,6 +93,7 @@ class SearchService:
         self._store: MilvusStore | None = None
         self._target: Target | None = None
         self._refresh_lock = asyncio.Lock()
+        self._refresh_task: asyncio.Future | None = None
         self._checked_models: set[str] = set()
 
     # --- Milvus, off the event loop ------------------------------------------------------------
@@ -141,18 +144,47 @@ class SearchService:
         )
 
     async def target(self, force: bool = False) -> Target:
+        """The collection and model to serve this request with: one pair, used for the whole request.
+
+        Once there is a target, a stale one is re-read in the background while requests go on with
+        it; the new pair replaces it only after its model is loaded in the embedder, so no request
+        waits on a model load and none mixes one pair's model with the other's collection."""
         current = self._target
-        if current and not force and time.monotonic() - current.resolved_at < self.cfg.identity_refresh_s:
-            return current
+        if current and not force:
+            age = time.monotonic() - current.resolved_at
+            if age < self.cfg.identity_refresh_s:
+                return current
+            if age < IDLE_REFRESH_FACTOR * self.cfg.identity_refresh_s:
+                self._refresh_in_background()
+                return current
+            # After an idle spell the pair may be several switches old (its collection even dropped
+            # since): the first request re-reads it before answering.
+        return await self._refresh(force)
+
+    def _refresh_in_background(self) -> None:
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.ensure_future(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._refresh(force=False)
+        except Exception as exc:  # keep serving the pair we have; requests report Milvus trouble themselves
+            current = self._target
+            if current is not None:
+                self._target = replace(current, resolved_at=time.monotonic())  # try again after the interval
+            serving = current.collection if current else None
+            logger.warning("re-reading %r failed, serving %r meanwhile: %s", self.cfg.collection, serving, exc)
+
+    async def _refresh(self, force: bool) -> Target:
         async with self._refresh_lock:
             current = self._target
             if current and not force and time.monotonic() - current.resolved_at < self.cfg.identity_refresh_s:
                 return current
             new = await self._milvus(self._resolve)
+            if current is None or new.model_key != current.model_key or new.model_key not in self._checked_models:
+                await self._check(new)  # the embedder loads the model before any request uses the new pair
             if current and current.collection != new.collection:
                 logger.info("%r now points at %r (model %s)", self.cfg.collection, new.collection, new.model_key)
-            if new.model_key not in self._checked_models:
-                await self._check(new)
             self._target = new
             return new
 
@@ -304,6 +336,7 @@ class SearchService:
         return SearchResponse(
             results=results[0] if req.query is not None else results,
             model=target.model["name"],
+            model_key=target.model_key,
             collection=target.collection,
             k=k,
             cache_hits=hits,

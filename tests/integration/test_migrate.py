@@ -1,0 +1,128 @@
+"""jobs.migrate end to end on Milvus Lite: MiniLM (384-d) to a tiny local model (32-d) through the
+CLI, with the real backfill job, the gate on Cranfield queries and judgements, switch, rollback,
+status and retention. The tests run in order and share one alias: each step starts where the
+previous one left it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.migrate import EXIT_GATE_FAILED, main
+from reembed.lite import LiteServer
+from reembed.store import MilvusStore
+from tests.conftest import read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.integration
+
+N_DOCS = 100
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, cranfield, ray_local, tiny_model):
+    root = tmp_path_factory.mktemp("migrate")
+    docs = read_jsonl(cranfield / "corpus.jsonl")[:N_DOCS]
+    kept = {d["_id"] for d in docs}
+    lines = (cranfield / "qrels" / "test.tsv").read_text().splitlines()
+    judged = [line for line in lines[1:] if line.split("\t")[1] in kept and int(line.split("\t")[2]) > 0]
+    qids = {line.split("\t")[0] for line in judged}
+    (root / "qrels.tsv").write_text("\n".join([lines[0], *judged]) + "\n")
+    write_jsonl(root / "queries.jsonl", [q for q in read_jsonl(cranfield / "queries.jsonl") if q["_id"] in qids])
+    corpus = write_jsonl(root / "corpus.jsonl", docs)
+    return {"root": root, "corpus": corpus, "db": root / "m.db", "tiny": tiny_model}
+
+
+def migrate(setup, *argv: str, capsys) -> tuple[int, dict]:
+    code = main(["--alias", "docs", "--milvus-uri", str(setup["db"]), *argv])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def build_args(setup, model: str, *extra: str) -> list[str]:
+    return [
+        "--input", str(setup["corpus"]), "--to-model", model, "--precision", "float32",
+        "--output-dir", str(setup["root"] / "runs"), "--actors", "1", "--writers", "1", "--device", "cpu",
+        "--gate-queries", "40", *extra,
+    ]  # fmt: skip
+
+
+def alias_target(setup) -> str | None:
+    with LiteServer(str(setup["db"])) as uri:
+        store = MilvusStore(uri)
+        try:
+            return store.alias_target("docs")
+        finally:
+            store.close()
+
+
+def test_a_new_alias_gets_its_first_version(setup, capsys):
+    code, out = migrate(setup, *build_args(setup, "all-MiniLM-L6-v2"), capsys=capsys)
+    assert code == 0, out
+    assert (
+        out["version"] == 1 and out["collection"] == "docs_v1" and out["switched"] and out["alias_target"] == "docs_v1"
+    )
+    assert out["model"] == MINILM and out["dimension"] == 384 and out["rows"] == N_DOCS
+    gate = out["gate"]
+    assert gate["passed"] and gate["queries"] == {"count": 40, "source": "sampled", "judged": True}
+    checks = {c["name"]: c for c in gate["checks"]}
+    assert checks["ann_recall@10"]["value"] >= 0.95 and checks["rows_vs_input"]["passed"]
+    assert gate["new"]["ndcg@10"] > 0.5  # a title finds its own document
+    assert alias_target(setup) == "docs_v1"
+
+
+def test_a_failed_gate_leaves_the_alias_where_it_was(setup, capsys):
+    qrels = ["--queries", str(setup["root"] / "queries.jsonl"), "--qrels", str(setup["root"] / "qrels.tsv")]
+    code, out = migrate(setup, *build_args(setup, str(setup["tiny"]), *qrels, "--switch"), capsys=capsys)
+    assert code == EXIT_GATE_FAILED
+    assert out["version"] == 2 and not out["passed"] and not out["switched"]
+    assert out["alias_target"] == "docs_v1" and alias_target(setup) == "docs_v1"
+    assert out["dimension"] == 32 and out["rows"] == N_DOCS
+    # The report names the failing check, its value and its threshold: a random model ranks far worse.
+    (failed,) = out["gate"]["failed_checks"]
+    assert failed.startswith("ndcg@10 = ") and "wanted >= " in failed
+    assert out["gate"]["old"]["ndcg@10"] - out["gate"]["new"]["ndcg@10"] > 0.2
+    assert out["gate"]["queries"]["source"] == "given"
+    code, status = migrate(setup, "--status", capsys=capsys)
+    v2 = status["versions"][1]
+    assert v2["state"] == "failed" and v2["gate"]["passed"] is False and v2["dimension"] == 32
+    code, out = migrate(setup, "--switch-to", "2", capsys=capsys)
+    assert code == 2 and "did not pass its gate" in out["error"]
+
+
+def test_a_rerun_resumes_the_version_and_switches(setup, capsys):
+    code, out = migrate(
+        setup, *build_args(setup, str(setup["tiny"]), "--gate-max-ndcg-drop", "off", "--switch"), capsys=capsys
+    )
+    assert code == 0, out
+    assert out["version"] == 2 and out["resumed"] and out["switched"] and out["alias_target"] == "docs_v2"
+    assert out["backfill"]["written"] == 0  # the job found every document already written
+    assert alias_target(setup) == "docs_v2"
+    code, status = migrate(setup, "--status", capsys=capsys)
+    assert code == 0
+    assert status["target"] == "docs_v2" and status["target_version"] == 2 and status["rollback_version"] == 1
+    v1, v2 = status["versions"]
+    assert (v1["state"], v1["model"], v1["dimension"], v1["rows"]) == ("retired", MINILM, 384, N_DOCS)
+    assert (v2["state"], v2["dimension"], v2["rows"], v2["precision"]) == ("serving", 32, N_DOCS, "float32")
+    assert v2["model"] == str(Path(setup["tiny"]).resolve()) and v2["gate"]["passed"]
+    assert v1["build_seconds"] > 0 and v2["build_seconds"] > 0 and v2["started_at"] <= v2["finished_at"]
+    # Neither the alias target nor the rollback target can be dropped.
+    for version, why in (("2", "the alias points at it"), ("1", "rollback target")):
+        code, out = migrate(setup, "--drop", version, capsys=capsys)
+        assert code == 2 and why in out["error"]
+
+
+def test_rollback_then_retention(setup, capsys):
+    code, status = migrate(setup, "--rollback", capsys=capsys)
+    assert code == 0 and status["target"] == "docs_v1" and alias_target(setup) == "docs_v1"
+    assert [v["state"] for v in status["versions"]] == ["serving", "retired"]
+    assert status["events"][-1]["event"] == "rollback"
+    code, out = migrate(setup, "--rollback", capsys=capsys)
+    assert code == 2 and "no earlier version" in out["error"]
+    code, out = migrate(setup, "--keep", "0", capsys=capsys)  # the target always stays
+    assert code == 0 and out["dropped"] == [2]
+    assert [v["state"] for v in out["versions"]] == ["serving", "dropped"]
+    code, out = migrate(setup, "--switch-to", "2", capsys=capsys)
+    assert code == 2 and "dropped" in out["error"]
+    assert alias_target(setup) == "docs_v1"
