@@ -92,9 +92,9 @@ def test_milvus_restarted_in_the_middle_of_writes_loses_nothing(tmp_path, cranfi
 def test_search_keeps_answering_while_an_incremental_run_writes(tmp_path, cranfield, ray_local, milvus_server):
     docs = good_docs(cranfield, 120)
     src = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)
-    backfill(tmp_path, src, uri=milvus_server, collection="live")
+    backfill(tmp_path, src, uri=milvus_server, collection="incr_live")
     store = MilvusStore(milvus_server)
-    searcher = Searcher(store, "live", device="cpu")
+    searcher = Searcher(store, "incr_live", device="cpu")
     edited = [dict(d, text=d["text"] + " (second edition)") if i % 4 == 0 else d for i, d in enumerate(docs)]
     edited += [{"_id": f"extra-{i}", "title": "", "text": f"supplementary note {i} on jet noise"} for i in range(20)]
     write_jsonl(src, edited)
@@ -111,7 +111,7 @@ def test_search_keeps_answering_while_an_incremental_run_writes(tmp_path, cranfi
     reader = threading.Thread(target=search_loop)
     reader.start()
     try:
-        summary = backfill(tmp_path, src, uri=milvus_server, collection="live")
+        summary = backfill(tmp_path, src, uri=milvus_server, collection="incr_live")
     finally:
         stop.set()
         reader.join(timeout=60)
@@ -119,4 +119,4 @@ def test_search_keeps_answering_while_an_incremental_run_writes(tmp_path, cranfi
     assert (summary["new"], summary["changed"], summary["unchanged"]) == (20, 30, 90)
     assert errors == [] and len(answers) >= 5
     assert set(answers) == {docs[7]["_id"]}
-    assert_collection_is(milvus_server, edited, "live")
+    assert_collection_is(milvus_server, edited, "incr_live")

@@ -150,7 +150,7 @@ def check_round_trip(uri: str, tmp_path, capsys, source: str = "docs") -> None:
     assert IDENTITY_PROPERTY in manifest["properties"]
 
     code, restored = run_cli(
-        ["restore", "--milvus-uri", uri, "--from", str(backup_dir), "--collection", "docs_restored", "--alias", "live"],
+        ["restore", "--milvus-uri", uri, "--from", str(backup_dir), "--collection", "docs_restored", "--alias", "docs_live"],
         capsys,
     )
     assert code == 0, restored
@@ -169,8 +169,8 @@ def check_round_trip(uri: str, tmp_path, capsys, source: str = "docs") -> None:
     store = MilvusStore(uri)
     try:
         # The alias now names the restored collection, and search works on its index.
-        assert store.describe("live").name == "docs_restored"
-        assert store.read_identity("live") == store.read_identity(source)
+        assert store.describe("docs_live").name == "docs_restored"
+        assert store.read_identity("docs_live") == store.read_identity(source)
         probe = next(iter(before["part_0001"].items()))
         store.load("docs_restored")
         hits = store.client.search(
@@ -212,7 +212,7 @@ def test_backup_and_restore_on_milvus_server(tmp_path, capsys, milvus_server):
         check_round_trip(milvus_server, tmp_path, capsys)
     finally:
         store = MilvusStore(milvus_server)
-        for alias in ("live",):
+        for alias in ("docs_live",):
             if alias in store.client.list_aliases("docs_restored").get("aliases", []):
                 store.client.drop_alias(alias)
         for name in ("docs", "docs_restored"):
