@@ -35,7 +35,7 @@ from reembed.documents import (
     DocumentSpec,
     hash_partition_name,
 )
-from reembed.embedder import describe_model
+from reembed.embedder import describe_model, padding_ratio
 from reembed.errors import ConfigError, InputDataError, ReembedError
 from reembed.ingest import EMBED_STATUSES, SUMMARY_COLUMNS
 from reembed.inputs import inspect_input
@@ -270,6 +270,10 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "unchanged": counts[S_UNCHANGED],
         "deleted": deleted,
         "embedded": progress.written,
+        "tokens_embedded": progress.tokens,
+        "tokens_computed": progress.padded_tokens,
+        # Share of the computed token positions that were padding, (computed - embedded) / computed.
+        "padding_ratio": round(padding_ratio(progress.tokens, progress.padded_tokens), 4),
         "shards": {"total": len(todo) + len(done), "read": len(todo), "skipped": len(done), "bytes": shard_bytes},
         "collection": cfg.collection,
         "model": source.name,
@@ -336,6 +340,7 @@ class RunProgress:
         self.reasons: Counter[str] = Counter()
         self.written = self.rejected = self.rows_read = 0
         self.clipped = 0  # int8 values clipped in the rows written
+        self.tokens = self.padded_tokens = 0  # real tokens embedded, token positions computed
         self.first_write_at: float | None = None
         self.last_checkpoint = time.monotonic()
         self.run_id = run_dir.name
@@ -345,7 +350,7 @@ class RunProgress:
     def consume(self, batches, started: float) -> None:
         last_log = time.monotonic()
         for batch in batches:
-            for kind, shard, part, count, written, doc_id, reason, raw, clipped in zip(
+            for kind, shard, part, count, written, doc_id, reason, raw, clipped, tokens, padded in zip(
                 *(batch[c] for c in SUMMARY_COLUMNS), strict=True
             ):
                 count = int(count)
@@ -367,6 +372,8 @@ class RunProgress:
                         self.written += int(written)
                         self.per_partition[str(part)] += int(written)
                         self.clipped += int(clipped)
+                    self.tokens += int(tokens)
+                    self.padded_tokens += int(padded)
                 if shard in self.expected and self.seen[shard] == self.expected[shard]:
                     self.finished.append((self.shards[shard], self.expected.pop(shard)))
                     self.completed.add(shard)

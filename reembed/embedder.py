@@ -139,6 +139,29 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """One encode call's result.
+
+    vectors: unit-norm float32, shape (n, dimension). tokens: int32, shape (n,), each text's real
+    token count (special tokens included, after truncation). padded: int32, shape (n,), the length
+    the model computed for it (tokens rounded up to its length bucket); padded - tokens are pad
+    positions, the compute that bucketing could not avoid.
+    """
+
+    vectors: np.ndarray
+    tokens: np.ndarray
+    padded: np.ndarray
+
+
+def padding_ratio(tokens: int, padded: int) -> float:
+    """Share of the positions the model computed that were padding: (padded - tokens) / padded.
+
+    0.0 means no padding; a naive batch of one 16-token and one 256-token text scores 0.47.
+    """
+    return (padded - tokens) / padded if padded else 0.0
+
+
 class Embedder:
     """One loaded model. Build it once per process (actor or replica) and call it many times."""
 
@@ -179,18 +202,23 @@ class Embedder:
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         """Unit-norm float32 embeddings, shape (len(texts), dimension)."""
-        return self._encode(texts, "document")
+        return self._encode(texts, "document").vectors
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         """Unit-norm float32 embeddings, shape (len(texts), dimension)."""
-        return self._encode(texts, "query")
+        return self._encode(texts, "query").vectors
 
-    def _encode(self, texts: list[str], kind: Literal["query", "document"]) -> np.ndarray:
+    def encode_documents_counted(self, texts: list[str]) -> Encoded:
+        """Embeddings with each text's token count and the length it was padded to (see `Encoded`)."""
+        return self._encode(texts, "document")
+
+    def _encode(self, texts: list[str], kind: Literal["query", "document"]) -> Encoded:
         import torch
 
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         if not texts:
-            return out
+            empty = np.zeros(0, dtype=np.int32)
+            return Encoded(out, empty, empty)
         prompt = self._prompts[kind]
         tokenizer = self.model.tokenizer
         enc = tokenizer(
@@ -223,7 +251,8 @@ class Embedder:
                 emb = torch.nn.functional.normalize(emb, p=2, dim=1)
                 out[idx] = emb.cpu().numpy()
                 start = stop
-        return out
+        tokens = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int32, count=len(texts))
+        return Encoded(out, tokens, np.asarray(padded_len, dtype=np.int32))
 
 
 def describe_model(name_or_path: str) -> tuple[ModelSource, ModelIdentity]:
