@@ -293,3 +293,64 @@ class EvaluateConfig(BaseSettings):
         if missing:
             raise ValueError(f"beir: expected a BEIR folder holding {', '.join(missing)}, got {self.beir!r}")
         return self
+
+
+def _doc_counts(value: Any) -> Any:
+    if isinstance(value, str):
+        out = []
+        for part in value.split(","):
+            part = part.strip().upper().replace("_", "")
+            if not part:
+                continue
+            scale = {"K": 1_000, "M": 1_000_000, "B": 1_000_000_000}.get(part[-1], 1)
+            try:
+                out.append(int(float(part[:-1] if scale != 1 else part) * scale))
+            except ValueError:
+                raise ValueError(f"docs: expected counts like 1M,10M or 2500000, got {value!r}") from None
+        return out
+    if isinstance(value, int):
+        return [value]
+    return value
+
+
+class PlanConfig(BaseSettings):
+    """Everything `python -m jobs.plan` needs: corpus, model, a measured throughput, the deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="REEMBED_PLAN_", extra="forbid")
+
+    docs: list[int] = Field(default_factory=lambda: [1_000_000, 10_000_000, 100_000_000])
+    tokens_per_doc: float | None = Field(None, gt=0, le=1_000_000, description="mean tokens per document")
+    model: str = DEFAULT_MODEL
+    dimension: int | None = Field(None, ge=1, le=65_536, description="default: from the model")
+    docs_per_s: float | None = Field(None, gt=0)
+    tokens_per_s: float | None = Field(None, gt=0)
+    from_benchmark: str | None = Field(None, description="JSON from benchmarks/throughput.py or a job's summary")
+    device: Literal["gpu", "cpu"] | None = None
+    cores: int = Field(1, ge=1, le=4096, description="CPU cores the measurement used (CPU core-hours)")
+    workers: int = Field(1, ge=1, le=100_000, description="GPUs (or CPU machines) embedding in parallel")
+    gpu_hour_usd: float | None = Field(None, ge=0, description="price of one device-hour")
+    hnsw_m: int = Field(32, ge=4, le=64)
+    replicas: int = Field(1, ge=1, le=64)
+    text_bytes: float | None = Field(None, ge=0, le=65_535, description="stored text per row (default 4 x tokens)")
+    int8_as_float: bool = Field(False, description="Milvus < 2.6 / Lite: int8 codes stored as FLOAT_VECTOR")
+
+    _split_docs = field_validator("docs", mode="before")(_doc_counts)
+
+    @field_validator("docs")
+    @classmethod
+    def _check_docs(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError(f"docs: expected positive document counts, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_throughput(self) -> PlanConfig:
+        given = [n for n in ("docs_per_s", "tokens_per_s", "from_benchmark") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "throughput: expected exactly one of --docs-per-s, --tokens-per-s, --from-benchmark, "
+                f"got {given or 'none'}"
+            )
+        if self.from_benchmark is not None and not Path(self.from_benchmark).is_file():
+            raise ValueError(f"from_benchmark: expected an existing JSON file, got {self.from_benchmark!r}")
+        return self
