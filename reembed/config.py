@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import tomllib
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -29,6 +29,39 @@ MILVUS_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
 Precision = Literal["int8", "float32"]
 Int8Scheme = Literal["global", "per-dim"]
+# A number of texts per forward pass, or "auto": probed once per actor and cached (reembed/batching.py).
+BatchSize = Annotated[int, Field(ge=1, le=4096)] | Literal["auto"]
+# Weights and activations of the model: "auto" is float16 on CUDA, float32 on the CPU.
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+# "onnx" and "openvino" run the model with int8 weights on the CPU (reembed/embedder.py).
+Backend = Literal["torch", "onnx", "openvino"]
+# The Python module each backend needs, and the extra that installs it.
+BACKEND_MODULES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
+
+
+def check_backend(backend: str, device: str, dtype: str) -> None:
+    """Refuse combinations that cannot run, before any work: raises ValueError naming the field."""
+    if backend != "torch":
+        module, extra = BACKEND_MODULES[backend]
+        if device == "cuda":
+            raise ValueError(f"backend: {backend!r} is the CPU int8 backend, expected device cpu or auto, got 'cuda'")
+        if dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"dtype: the {backend!r} backend runs int8 weights with float32 activations, "
+                f"expected auto or float32, got {dtype!r}"
+            )
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(
+                f"backend: {backend!r} needs the {module!r} package, which is not installed; "
+                f"pip install 'reembed[{extra}]' or use --backend torch"
+            )
+    if device == "cpu" and dtype == "float16":
+        raise ValueError(
+            "dtype: float16 on the CPU is emulated and slower than float32, expected auto, float32 or bfloat16 "
+            "with device cpu, got 'float16'"
+        )
 
 
 class BackfillConfig(BaseSettings):
@@ -44,6 +77,8 @@ class BackfillConfig(BaseSettings):
 
     model: str = DEFAULT_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Dtype = Field("auto", description="model dtype: auto is float16 on CUDA, float32 on the CPU")
+    backend: Backend = Field("torch", description="torch, or a CPU int8 backend: onnx, openvino")
     precision: Precision = "int8"
     int8_scheme: Int8Scheme = "global"
     calibration_sample: int = Field(1024, ge=16, le=1_000_000)
@@ -61,7 +96,10 @@ class BackfillConfig(BaseSettings):
     threads_per_actor: int | None = Field(
         None, ge=1, le=256, description="torch threads per CPU actor (default 1: batch-invariant codes)"
     )
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: BatchSize = Field(64, description="texts per forward pass, or 'auto' (probed per actor, cached)")
+    actors_per_gpu: int = Field(
+        1, ge=1, le=64, description="embedding actors sharing one GPU (each asks Ray for 1/N of a GPU)"
+    )
     writers: int = Field(2, ge=1, le=256)
     write_batch_rows: int = Field(512, ge=1, le=10_000)
     max_text_bytes: int = Field(65_535, ge=256, le=65_535)
@@ -98,6 +136,16 @@ class BackfillConfig(BaseSettings):
                 f"(Milvus's rule), got {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_compute(self) -> BackfillConfig:
+        check_backend(self.backend, self.device, self.dtype)
+        if self.actors_per_gpu > 1 and (self.device == "cpu" or self.backend != "torch"):
+            raise ValueError(
+                f"actors_per_gpu: shares a GPU between actors, expected 1 with device={self.device!r} "
+                f"and backend={self.backend!r}, got {self.actors_per_gpu}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_partitioning(self) -> BackfillConfig:

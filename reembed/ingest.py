@@ -129,11 +129,15 @@ class DocumentEncoder:
         precision: str,
         calibration_json: str | None,
         device: str = "auto",
-        batch_size: int = 64,
+        batch_size: int | str = 64,
         threads: int | None = 1,
         embed_statuses: tuple[str, ...] = EMBED_STATUSES,
+        dtype: str = "auto",
+        backend: str = "torch",
     ) -> None:
-        self.embedder = Embedder(source, device=device, threads=threads, batch_size=batch_size)
+        self.embedder = Embedder(
+            source, device=device, threads=threads, batch_size=batch_size, dtype=dtype, backend=backend
+        )
         self.calibration = Int8Calibration.from_json(calibration_json) if calibration_json else None
         self.emit_codes = precision == "int8" and self.calibration is not None
         self.embed_statuses = embed_statuses
