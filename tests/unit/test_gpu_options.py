@@ -118,3 +118,34 @@ def test_bfloat16_embeds_close_to_float32_and_says_so_in_its_identity():
     cos = (fp32.encode_documents(texts) * bf16.encode_documents(texts)).sum(axis=1)
     assert cos.min() > 0.99
     assert "dtype" not in fp32.identity().to_dict() and bf16.identity().dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"backend": "openvino"}, "openvino' is not available in this build"),
+        ({"backend": "onnx", "device": "cuda"}, "CPU int8 backend"),
+        ({"backend": "onnx", "dtype": "bfloat16"}, "int8 weights"),
+        ({"backend": "onnx", "actors_per_gpu": 2}, "actors_per_gpu"),
+    ],
+)
+def test_cpu_backend_combinations_that_cannot_run_fail_at_config_load(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, **flags)
+
+
+def test_missing_onnxruntime_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"reembed\[onnx\]"):
+        config(tmp_path, backend="onnx")
+
+
+def test_service_loads_the_collections_backend():
+    from reembed.search import model_key
+
+    base = {"name": "m", "weights_sha256": "a" * 64, "dimension": 384}
+    assert model_key(base) == f"m@{'a' * 16}/384"  # unchanged for torch collections
+    assert model_key({**base, "backend": "onnx"}).endswith("/onnx")
