@@ -36,7 +36,7 @@ from reembed.documents import (
     DocumentSpec,
     hash_partition_name,
 )
-from reembed.embedder import describe_model
+from reembed.embedder import describe_model, padding_ratio
 from reembed.errors import ConfigError, InputDataError, ReembedError
 from reembed.ingest import EMBED_STATUSES, SUMMARY_COLUMNS
 from reembed.inputs import inspect_input
@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, help="N partitions by hash of the id (default 1)")
     p.add_argument("--model", help="hub name or local path (default all-MiniLM-L6-v2)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="model dtype (default auto: float16 on CUDA, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "openvino"],
+        help="torch (default), or an int8 CPU backend: onnx (pip install 'reembed[onnx]'), openvino",
+    )
+    p.add_argument("--actors-per-gpu", type=int, help="embedding actors sharing each GPU (default 1)")
     p.add_argument("--precision", choices=["int8", "float32"])
     p.add_argument("--int8-scheme", choices=["global", "per-dim"])
     p.add_argument("--calibration-sample", type=int, help="documents the int8 scale is fitted on")
@@ -75,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="torch threads per CPU actor (default 1; more breaks bit-identical codes across batches)",
     )
-    p.add_argument("--batch-size", type=int, help="texts per model forward pass")
+    p.add_argument(
+        "--batch-size",
+        help="texts per model forward pass, or 'auto': probed once per actor, halved on out-of-memory, cached "
+        "(default 64)",
+    )
     p.add_argument("--writers", type=int, help="writer actors")
     p.add_argument("--write-batch-rows", type=int, help="rows per upsert request (before the byte cap)")
     p.add_argument("--max-text-bytes", type=int, help="stored text is cut to this many UTF-8 bytes")
@@ -142,6 +157,9 @@ def run(cfg: BackfillConfig) -> dict[str, Any]:
     plan = inspect_input(cfg.input, cfg.id_field, cfg.text_fields, cfg.partition_by)
     logger.info("input: %d JSONL and %d Parquet files", len(plan.jsonl_files), len(plan.parquet_files))
     source, model_identity = describe_model(cfg.model)
+    # The backend is known now and must match an existing collection; the dtype is recorded once
+    # the compute plan knows the device (_run_pipeline).
+    model_identity = replace(model_identity, backend=cfg.backend)
     logger.info("model %s (%s), dimension %d", source.name, source.revision, model_identity.dimension)
 
     lite = LiteServer(cfg.milvus_uri) if is_lite_uri(cfg.milvus_uri) else contextlib.nullcontext(cfg.milvus_uri)
@@ -198,9 +216,31 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     shape = pipeline.cluster_shape()
     refuse_lite_on_cluster(cfg.milvus_uri, shape[2])
     compute = pipeline.plan_compute(
-        cfg.actors, cfg.device, cfg.batch_size, cfg.writers, cfg.write_batch_rows, cfg.threads_per_actor, shape
+        cfg.actors,
+        cfg.device,
+        cfg.batch_size,
+        cfg.writers,
+        cfg.write_batch_rows,
+        cfg.threads_per_actor,
+        shape,
+        actors_per_gpu=cfg.actors_per_gpu,
+        dtype=cfg.dtype,
+        backend=cfg.backend,
     )
-    logger.info("compute: %d %s actor(s), %d writer(s)", compute.actors, compute.device, compute.writers)
+    logger.info(
+        "compute: %d %s actor(s) (%s, %s, %g GPU each), %d writer(s)",
+        compute.actors,
+        compute.device,
+        compute.backend,
+        compute.dtype,
+        compute.gpus_per_actor,
+        compute.writers,
+    )
+    if not exists:  # an existing collection keeps the identity it was made with
+        model = {**wanted.model, "dtype": compute.dtype}
+        if compute.dtype == "float32":
+            del model["dtype"]
+        wanted = replace(wanted, model=model)
     shard_bytes = cfg.shard_bytes or auto_shard_bytes(plan.total_bytes, compute.actors)
     log = _shard_log(cfg, spec, store, wanted) if exists else None
     todo, done = plan_shards(plan, shard_bytes, None if cfg.full else log)
@@ -319,6 +359,10 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "unchanged": counts[S_UNCHANGED],
         "deleted": deleted,
         "embedded": progress.written,
+        "tokens_embedded": progress.tokens,
+        "tokens_computed": progress.padded_tokens,
+        # Share of the computed token positions that were padding, (computed - embedded) / computed.
+        "padding_ratio": round(padding_ratio(progress.tokens, progress.padded_tokens), 4),
         "shards": {"total": len(todo) + len(done), "read": len(todo), "skipped": len(done), "bytes": shard_bytes},
         "collection": cfg.collection,
         "model": source.name,
@@ -335,6 +379,9 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "int8_drift": bool(clipping and clipping["drift"]),
         "actors": compute.actors,
         "device": compute.device,
+        "dtype": compute.dtype,
+        "backend": compute.backend,
+        "batch_size": compute.batch_size,
         "startup_seconds": round((progress.first_write_at or time.monotonic()) - started, 3),
         "run_dir": str(run_dir),
         "rejects_file": str(progress.rejects_path),
@@ -388,6 +435,7 @@ class RunProgress:
         self.written = self.rejected = self.rows_read = 0
         self.clipped = 0  # int8 values clipped in the rows written
         self.staged: dict[str, list[str]] = defaultdict(list)  # bulk: partition -> Parquet files
+        self.tokens = self.padded_tokens = 0  # real tokens embedded, token positions computed
         self.first_write_at: float | None = None
         self.last_checkpoint = time.monotonic()
         self.run_id = run_dir.name
@@ -397,7 +445,7 @@ class RunProgress:
     def consume(self, batches, started: float) -> None:
         last_log = time.monotonic()
         for batch in batches:
-            for kind, shard, part, count, written, doc_id, reason, raw, clipped in zip(
+            for kind, shard, part, count, written, doc_id, reason, raw, clipped, tokens, padded in zip(
                 *(batch[c] for c in SUMMARY_COLUMNS), strict=True
             ):
                 count = int(count)
@@ -421,6 +469,8 @@ class RunProgress:
                         self.written += int(written)
                         self.per_partition[str(part)] += int(written)
                         self.clipped += int(clipped)
+                    self.tokens += int(tokens)
+                    self.padded_tokens += int(padded)
                 if shard in self.expected and self.seen[shard] == self.expected[shard]:
                     self.finished.append((self.shards[shard], self.expected.pop(shard)))
                     self.completed.add(shard)

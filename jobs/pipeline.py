@@ -20,7 +20,7 @@ import ray
 import ray.data
 
 from reembed.documents import C_ID, C_STATUS, S_NEW, DocumentSpec
-from reembed.embedder import ModelSource
+from reembed.embedder import ModelSource, resolve_dtype
 from reembed.errors import ConfigError
 from reembed.ingest import C_VECTOR, EMBED_STATUSES, BatchWriter, ChangeDetector, DocumentEncoder
 from reembed.shards import Shard, read_shard
@@ -35,6 +35,9 @@ DETECTOR_NUM_CPUS = 0.05
 # inside. Small on CPUs so that the last calls of a run spread over every actor; larger on GPUs,
 # which want long queues.
 ROWS_PER_CALL_FACTOR = {"cpu": 1, "cuda": 4}
+# With --batch-size auto the size is found inside each actor; the rows per call are then fixed
+# here, large enough for the probe to try every size up to its cap (reembed/batching.py).
+AUTO_ROWS_PER_CALL = {"cpu": 128, "cuda": 4096}
 MAX_READ_BLOCKS = 20_000
 
 
@@ -44,14 +47,18 @@ class ComputePlan:
     cpus_per_actor: float
     gpus_per_actor: float
     device: str
-    batch_size: int
+    batch_size: int | str  # a number, or "auto": each actor finds it (reembed/batching.py)
     writers: int
     write_batch_rows: int
     threads_per_actor: int = 1
+    dtype: str = "float32"  # resolved: never "auto"
+    backend: str = "torch"
 
     @property
     def rows_per_call(self) -> int:
-        return self.batch_size * ROWS_PER_CALL_FACTOR.get(self.device, 1)
+        if self.batch_size == "auto":
+            return AUTO_ROWS_PER_CALL.get(self.device, AUTO_ROWS_PER_CALL["cpu"])
+        return int(self.batch_size) * ROWS_PER_CALL_FACTOR.get(self.device, 1)
 
 
 def cluster_shape() -> tuple[float, int, int]:
@@ -69,22 +76,27 @@ def io_reserve_cpus(writers: int) -> float:
 def plan_compute(
     actors: int | None,
     device: str,
-    batch_size: int,
+    batch_size: int | str,
     writers: int,
     write_batch_rows: int,
     threads_per_actor: int | None,
     shape: tuple[float, int, int] | None = None,
+    actors_per_gpu: int = 1,
+    dtype: str = "auto",
+    backend: str = "torch",
 ) -> ComputePlan:
-    """One GPU per actor where the cluster has GPUs; else one single-threaded actor per core.
+    """`actors_per_gpu` actors per GPU where the cluster has GPUs; else one single-threaded actor per core.
 
-    Single-threaded CPU actors keep embeddings bit-identical however rows are batched (see
-    reembed/embedder.py) and scale without intra-op synchronisation.
+    Several actors on one GPU (each asking Ray for 1/N of it) overlap one actor's tokenisation and
+    host-device copies with another's forward pass. Single-threaded CPU actors keep embeddings
+    bit-identical however rows are batched (see reembed/embedder.py) and scale without intra-op
+    synchronisation. The CPU int8 backends never take a GPU.
     """
     cpus, gpus, nodes = shape or cluster_shape()
-    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    use_gpu = backend == "torch" and (device == "cuda" or (device == "auto" and gpus > 0))
     threads = threads_per_actor or 1
     if use_gpu:
-        n_actors, cpus_per_actor = actors or gpus, 1.0
+        n_actors, cpus_per_actor = actors or max(1, gpus) * actors_per_gpu, 1.0
     else:
         n_actors = actors or max(1, int(cpus // threads))
         per_node = math.ceil(n_actors / nodes)
@@ -103,13 +115,23 @@ def plan_compute(
     return ComputePlan(
         actors=n_actors,
         cpus_per_actor=math.floor(cpus_per_actor * 1000) / 1000,  # never round up past the reserve
-        gpus_per_actor=1.0 if use_gpu else 0.0,
+        gpus_per_actor=gpu_share(actors_per_gpu) if use_gpu else 0.0,
         device="cuda" if use_gpu else "cpu",
         batch_size=batch_size,
         writers=writers,
         write_batch_rows=write_batch_rows,
         threads_per_actor=threads,
+        dtype=resolve_dtype(dtype, "cuda" if use_gpu else "cpu"),
+        backend=backend,
     )
+
+
+def gpu_share(actors_per_gpu: int) -> float:
+    """The GPU fraction each of N actors asks Ray for: 1/N rounded down to Ray's 1e-4 resource
+    granularity, so that N of them always fit on one GPU (3 x 0.3333 <= 1)."""
+    if actors_per_gpu < 1:
+        raise ConfigError(f"actors_per_gpu: expected a positive integer, got {actors_per_gpu!r}")
+    return math.floor(10_000 / actors_per_gpu) / 10_000
 
 
 def read_documents(
@@ -203,6 +225,8 @@ def embed(
             "device": compute.device,
             "batch_size": compute.batch_size,
             "threads": compute.threads_per_actor,
+            "dtype": compute.dtype,
+            "backend": compute.backend,
             "embed_statuses": embed_statuses,
         },
         batch_size=compute.rows_per_call,

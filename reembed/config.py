@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import tomllib
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,45 @@ MILVUS_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 Precision = Literal["int8", "float32"]
 Int8Scheme = Literal["global", "per-dim"]
 WriteMode = Literal["upsert", "bulk"]
+# A number of texts per forward pass, or "auto": probed once per actor and cached (reembed/batching.py).
+BatchSize = Annotated[int, Field(ge=1, le=4096)] | Literal["auto"]
+# Weights and activations of the model: "auto" is float16 on CUDA, float32 on the CPU.
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+# "onnx" runs the model with int8 weights on the CPU (reembed/backends.py); "openvino" is refused
+# with the reason (check_backend).
+Backend = Literal["torch", "onnx", "openvino"]
+# The Python module each backend needs, and the extra that installs it.
+BACKEND_MODULES = {"onnx": ("onnxruntime", "onnx")}
+
+
+def check_backend(backend: str, device: str, dtype: str) -> None:
+    """Refuse combinations that cannot run, before any work: raises ValueError naming the field."""
+    if backend == "openvino":
+        raise ValueError(
+            "backend: 'openvino' is not available in this build: sentence-transformers reaches OpenVINO through "
+            "optimum-intel, which pins another torch than this project's; use --backend onnx for int8 on the CPU"
+        )
+    if backend != "torch":
+        module, extra = BACKEND_MODULES[backend]
+        if device == "cuda":
+            raise ValueError(f"backend: {backend!r} is the CPU int8 backend, expected device cpu or auto, got 'cuda'")
+        if dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"dtype: the {backend!r} backend runs int8 weights with float32 activations, "
+                f"expected auto or float32, got {dtype!r}"
+            )
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(
+                f"backend: {backend!r} needs the {module!r} package, which is not installed; "
+                f"pip install 'reembed[{extra}]' or use --backend torch"
+            )
+    if device == "cpu" and dtype == "float16":
+        raise ValueError(
+            "dtype: float16 on the CPU is emulated and slower than float32, expected auto, float32 or bfloat16 "
+            "with device cpu, got 'float16'"
+        )
 
 
 class BackfillConfig(BaseSettings):
@@ -45,6 +84,8 @@ class BackfillConfig(BaseSettings):
 
     model: str = DEFAULT_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Dtype = Field("auto", description="model dtype: auto is float16 on CUDA, float32 on the CPU")
+    backend: Backend = Field("torch", description="torch, or a CPU int8 backend: onnx, openvino")
     precision: Precision = "int8"
     int8_scheme: Int8Scheme = "global"
     calibration_sample: int = Field(1024, ge=16, le=1_000_000)
@@ -62,7 +103,10 @@ class BackfillConfig(BaseSettings):
     threads_per_actor: int | None = Field(
         None, ge=1, le=256, description="torch threads per CPU actor (default 1: batch-invariant codes)"
     )
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: BatchSize = Field(64, description="texts per forward pass, or 'auto' (probed per actor, cached)")
+    actors_per_gpu: int = Field(
+        1, ge=1, le=64, description="embedding actors sharing one GPU (each asks Ray for 1/N of a GPU)"
+    )
     writers: int = Field(2, ge=1, le=256)
     write_batch_rows: int = Field(512, ge=1, le=10_000)
     max_text_bytes: int = Field(65_535, ge=256, le=65_535)
@@ -109,6 +153,16 @@ class BackfillConfig(BaseSettings):
                 f"(Milvus's rule), got {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_compute(self) -> BackfillConfig:
+        check_backend(self.backend, self.device, self.dtype)
+        if self.actors_per_gpu > 1 and (self.device == "cpu" or self.backend != "torch"):
+            raise ValueError(
+                f"actors_per_gpu: shares a GPU between actors, expected 1 with device={self.device!r} "
+                f"and backend={self.backend!r}, got {self.actors_per_gpu}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_partitioning(self) -> BackfillConfig:
@@ -318,7 +372,8 @@ ALIAS_MAX_CHARS = 240
 _BACKFILL_SETTINGS = (
     *("input", "id_field", "text_fields", "partition_by", "partitions", "device", "precision", "int8_scheme"),
     *("calibration_sample", "calibration_quantile", "milvus_token", "hnsw_m", "hnsw_ef_construction", "actors"),
-    *("threads_per_actor", "batch_size", "writers", "max_text_bytes", "output_dir"),
+    *("threads_per_actor", "batch_size", "dtype", "backend", "actors_per_gpu", "writers", "max_text_bytes"),
+    "output_dir",
 )
 
 
@@ -374,7 +429,10 @@ class MigrateConfig(BaseSettings):
     hnsw_ef_construction: int = Field(200, ge=8, le=1024)
     actors: int | None = Field(None, ge=1, le=1024)
     threads_per_actor: int | None = Field(None, ge=1, le=256)
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: BatchSize = Field(64, description="texts per forward pass, or 'auto' (probed per actor, cached)")
+    dtype: Dtype = "auto"
+    backend: Backend = "torch"
+    actors_per_gpu: int = Field(1, ge=1, le=64)
     writers: int = Field(2, ge=1, le=256)
     max_text_bytes: int = Field(65_535, ge=256, le=65_535)
     output_dir: str = "./data/runs"
@@ -428,6 +486,7 @@ class MigrateConfig(BaseSettings):
             raise ValueError(f"{missing}: building a version needs both input and to_model")
         if chosen and (self.input is not None or self.to_model is not None or self.switch or self.keep is not None):
             raise ValueError(f"{chosen[0]} takes no input, to_model, switch or keep")
+        check_backend(self.backend, self.device, self.dtype)
         if self.qrels and not self.queries:
             raise ValueError("qrels: judgements need their queries too (queries=BEIR queries.jsonl)")
         for name in ("queries", "qrels"):
@@ -444,3 +503,64 @@ class MigrateConfig(BaseSettings):
             "collection": collection,
             "milvus_uri": milvus_uri,
         }
+
+
+def _doc_counts(value: Any) -> Any:
+    if isinstance(value, str):
+        out = []
+        for part in value.split(","):
+            part = part.strip().upper().replace("_", "")
+            if not part:
+                continue
+            scale = {"K": 1_000, "M": 1_000_000, "B": 1_000_000_000}.get(part[-1], 1)
+            try:
+                out.append(int(float(part[:-1] if scale != 1 else part) * scale))
+            except ValueError:
+                raise ValueError(f"docs: expected counts like 1M,10M or 2500000, got {value!r}") from None
+        return out
+    if isinstance(value, int):
+        return [value]
+    return value
+
+
+class PlanConfig(BaseSettings):
+    """Everything `python -m jobs.plan` needs: corpus, model, a measured throughput, the deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="REEMBED_PLAN_", extra="forbid")
+
+    docs: list[int] = Field(default_factory=lambda: [1_000_000, 10_000_000, 100_000_000])
+    tokens_per_doc: float | None = Field(None, gt=0, le=1_000_000, description="mean tokens per document")
+    model: str = DEFAULT_MODEL
+    dimension: int | None = Field(None, ge=1, le=65_536, description="default: from the model")
+    docs_per_s: float | None = Field(None, gt=0)
+    tokens_per_s: float | None = Field(None, gt=0)
+    from_benchmark: str | None = Field(None, description="JSON from benchmarks/throughput.py or a job's summary")
+    device: Literal["gpu", "cpu"] | None = None
+    cores: int = Field(1, ge=1, le=4096, description="CPU cores the measurement used (CPU core-hours)")
+    workers: int = Field(1, ge=1, le=100_000, description="GPUs (or CPU machines) embedding in parallel")
+    gpu_hour_usd: float | None = Field(None, ge=0, description="price of one device-hour")
+    hnsw_m: int = Field(32, ge=4, le=64)
+    replicas: int = Field(1, ge=1, le=64)
+    text_bytes: float | None = Field(None, ge=0, le=65_535, description="stored text per row (default 4 x tokens)")
+    int8_as_float: bool = Field(False, description="Milvus < 2.6 / Lite: int8 codes stored as FLOAT_VECTOR")
+
+    _split_docs = field_validator("docs", mode="before")(_doc_counts)
+
+    @field_validator("docs")
+    @classmethod
+    def _check_docs(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError(f"docs: expected positive document counts, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_throughput(self) -> PlanConfig:
+        given = [n for n in ("docs_per_s", "tokens_per_s", "from_benchmark") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "throughput: expected exactly one of --docs-per-s, --tokens-per-s, --from-benchmark, "
+                f"got {given or 'none'}"
+            )
+        if self.from_benchmark is not None and not Path(self.from_benchmark).is_file():
+            raise ValueError(f"from_benchmark: expected an existing JSON file, got {self.from_benchmark!r}")
+        return self

@@ -51,7 +51,23 @@ EMBED_STATUSES = (S_NEW, S_CHANGED, S_MOVED)
 # rejected document (with its id, reason and raw record), one per end-of-shard or error marker.
 # int8 values clipped in each row (0 for floats): the driver checks the calibration still fits.
 C_CLIPPED = "clipped"
-SUMMARY_COLUMNS = ("kind", "shard", "partition", "count", "written", "id", "reason", "raw", "clipped")
+# Per row: real tokens the model saw, and token positions it computed (tokens + padding); 0 for
+# rows it never saw. The driver sums them into the summary's tokens and padding_ratio.
+C_TOKENS = "tokens"
+C_PADDED = "padded_tokens"
+SUMMARY_COLUMNS = (
+    "kind",
+    "shard",
+    "partition",
+    "count",
+    "written",
+    "id",
+    "reason",
+    "raw",
+    "clipped",
+    "tokens",
+    "padded_tokens",
+)
 
 
 def embed_mask(statuses: np.ndarray, embed_statuses: tuple[str, ...]) -> np.ndarray:
@@ -100,8 +116,8 @@ class ChangeDetector:
 
 
 class DocumentEncoder:
-    """Embeds the rows to (re-)embed; adds a `vector` column (int8 codes or float32) and a
-    `clipped` column (int8 values clipped in the row).
+    """Embeds the rows to (re-)embed; adds a `vector` column (int8 codes or float32), a
+    `clipped` column (int8 values clipped in the row) and the row's `tokens` / `padded_tokens`.
 
     With no calibration and precision int8, it returns floats: that is the calibration sample.
     Other rows (rejects, unchanged, end-of-shard markers) get a zero vector and never reach the model.
@@ -113,11 +129,15 @@ class DocumentEncoder:
         precision: str,
         calibration_json: str | None,
         device: str = "auto",
-        batch_size: int = 64,
+        batch_size: int | str = 64,
         threads: int | None = 1,
         embed_statuses: tuple[str, ...] = EMBED_STATUSES,
+        dtype: str = "auto",
+        backend: str = "torch",
     ) -> None:
-        self.embedder = Embedder(source, device=device, threads=threads, batch_size=batch_size)
+        self.embedder = Embedder(
+            source, device=device, threads=threads, batch_size=batch_size, dtype=dtype, backend=backend
+        )
         self.calibration = Int8Calibration.from_json(calibration_json) if calibration_json else None
         self.emit_codes = precision == "int8" and self.calibration is not None
         self.embed_statuses = embed_statuses
@@ -127,8 +147,12 @@ class DocumentEncoder:
         n, d = len(todo), self.embedder.dimension
         vectors = np.zeros((n, d), dtype=np.int8 if self.emit_codes else np.float32)
         clipped = np.zeros(n, dtype=np.int32)
+        tokens = np.zeros(n, dtype=np.int32)
+        padded = np.zeros(n, dtype=np.int32)
         if todo.any():
-            floats = self.embedder.encode_documents(batch[C_TEXT][todo].tolist())
+            encoded = self.embedder.encode_documents_counted(batch[C_TEXT][todo].tolist())
+            floats = encoded.vectors
+            tokens[todo], padded[todo] = encoded.tokens, encoded.padded
             if self.emit_codes:
                 vectors[todo] = self.calibration.quantize(floats)
                 clipped[todo] = self.calibration.clipped_per_row(floats)
@@ -137,6 +161,8 @@ class DocumentEncoder:
         out = dict(batch)
         out[C_VECTOR] = vectors
         out[C_CLIPPED] = clipped
+        out[C_TOKENS] = tokens
+        out[C_PADDED] = padded
         return out
 
 
@@ -161,16 +187,18 @@ class BatchWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
 
-        def emit(kind, shard, partition="", count=1, written=0, doc_id="", reason="", raw="", clipped=0):
-            for col, value in zip(
-                SUMMARY_COLUMNS, (kind, shard, partition, count, written, doc_id, reason, raw, clipped), strict=True
-            ):
+        def emit(kind, shard, partition="", count=1, written=0, doc_id="", reason="", raw="", clipped=0, tokens=(0, 0)):
+            values = (kind, shard, partition, count, written, doc_id, reason, raw, clipped, *tokens)
+            for col, value in zip(SUMMARY_COLUMNS, values, strict=True):
                 summary[col].append(value)
 
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)  # (partition, status) -> rows
         counts: dict[tuple[str, str, str], int] = defaultdict(int)  # (shard, status, partition) -> rows
         clipped: dict[tuple[str, str, str], int] = defaultdict(int)  # same key -> int8 values clipped
-        row_clipped = batch[C_CLIPPED] if C_CLIPPED in batch else np.zeros(len(batch[C_STATUS]), dtype=np.int32)
+        tokens: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # same key -> (real, padded)
+        zeros = np.zeros(len(batch[C_STATUS]), dtype=np.int32)
+        row_clipped = batch.get(C_CLIPPED, zeros)
+        row_tokens, row_padded = batch.get(C_TOKENS, zeros), batch.get(C_PADDED, zeros)
         for i, status in enumerate(batch[C_STATUS]):
             shard = batch[C_SHARD][i]
             if status == S_REJECTED:
@@ -182,12 +210,16 @@ class BatchWriter:
             else:
                 counts[(shard, status, batch[C_PARTITION][i])] += 1
                 clipped[(shard, status, batch[C_PARTITION][i])] += int(row_clipped[i])
+                counted = tokens[(shard, status, batch[C_PARTITION][i])]
+                counted[0] += int(row_tokens[i])
+                counted[1] += int(row_padded[i])
                 if status in self.embed_statuses:
                     groups[(batch[C_PARTITION][i], status)].append(i)
         written_rows = self._write(batch, groups)
         for (shard, status, partition), n in counts.items():
             written = n if status in self.embed_statuses else 0
-            emit(status, shard, partition, count=n, written=written, clipped=clipped[(shard, status, partition)])
+            key = (shard, status, partition)
+            emit(status, shard, partition, count=n, written=written, clipped=clipped[key], tokens=tuple(tokens[key]))
         if written_rows != sum(len(r) for r in groups.values()):
             raise RuntimeError(f"Milvus acknowledged {written_rows} rows of {sum(len(r) for r in groups.values())}")
         return summary

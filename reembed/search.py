@@ -49,7 +49,9 @@ class Hit:
 
 def model_key(model: dict[str, Any]) -> str:
     """What identifies a query model's vector space: name, weights hash and dimension."""
-    return f"{model['name']}@{model['weights_sha256'][:16]}/{model['dimension']}"
+    backend = model.get("backend", "torch")
+    key = f"{model['name']}@{model['weights_sha256'][:16]}/{model['dimension']}"
+    return key if backend == "torch" else f"{key}/{backend}"
 
 
 def load_query_model(
@@ -70,7 +72,11 @@ def load_query_model(
             f"model {model['name']!r} found at {source.path} has weights {sha[:12]}..., "
             f"the collection was built with {model['weights_sha256'][:12]}..."
         )
-    embedder = Embedder(source, device=device, batch_size=batch_size, threads=threads)
+    # Queries go through the backend the documents went through (an int8 model is another function).
+    backend = model.get("backend", "torch")
+    embedder = Embedder(
+        source, device="cpu" if backend != "torch" else device, batch_size=batch_size, threads=threads, backend=backend
+    )
     if embedder.dimension != model["dimension"]:
         raise ModelMismatchError(f"model dimension {embedder.dimension} != collection dimension {model['dimension']}")
     return embedder

@@ -131,6 +131,11 @@ class CollectionIdentity:
             a, b = self.model.get(key), other.model.get(key)
             if a != b:
                 diffs.append(f"model.{key}: collection has {a!r}, this run has {b!r}")
+        # An int8 backend computes another function than torch; the dtype only rounds differently
+        # (reembed.embedder.ModelIdentity), so it is not compared.
+        a, b = self.model.get("backend", "torch"), other.model.get("backend", "torch")
+        if a != b:
+            diffs.append(f"model.backend: collection has {a!r}, this run has {b!r}")
         for key in ("precision", "partitioning", "schema_version", "rerank"):
             a, b = getattr(self, key), getattr(other, key)
             if a != b:

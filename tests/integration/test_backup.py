@@ -150,7 +150,17 @@ def check_round_trip(uri: str, tmp_path, capsys, source: str = "docs") -> None:
     assert IDENTITY_PROPERTY in manifest["properties"]
 
     code, restored = run_cli(
-        ["restore", "--milvus-uri", uri, "--from", str(backup_dir), "--collection", "docs_restored", "--alias", "docs_live"],
+        [
+            "restore",
+            "--milvus-uri",
+            uri,
+            "--from",
+            str(backup_dir),
+            "--collection",
+            "docs_restored",
+            "--alias",
+            "docs_live",
+        ],
         capsys,
     )
     assert code == 0, restored

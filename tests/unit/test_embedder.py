@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reembed.embedder import Embedder, canonical_model_name, resolve_model
+from reembed.embedder import LENGTH_BUCKET, Embedder, canonical_model_name, padding_ratio, resolve_model
 from reembed.errors import ConfigError
 from reembed.quantize import fit_int8
 from tests.conftest import read_jsonl
@@ -47,3 +47,15 @@ def test_missing_local_path_or_offline_hub_model_fails_clearly(tmp_path, monkeyp
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
         resolve_model("someone/not-a-cached-model")
+
+
+def test_token_counts_and_padding_ratio(minilm):
+    texts = ["short", "a somewhat longer text about the lift of a swept wing " * 4, "x " * 1000]
+    enc = minilm.encode_documents_counted(texts)
+    ids = minilm.model.tokenizer(texts, truncation=True, max_length=minilm.max_seq_length)["input_ids"]
+    assert enc.tokens.tolist() == [len(i) for i in ids]  # special tokens included, truncated
+    assert enc.tokens[2] == minilm.max_seq_length == enc.padded[2]  # truncated: no padding
+    assert (enc.padded % LENGTH_BUCKET == 0).all() and (enc.padded - enc.tokens < LENGTH_BUCKET).all()
+    assert np.array_equal(enc.vectors, minilm.encode_documents(texts))
+    # By hand: 3 of 16 positions real is 13/16 padding; nothing computed is no padding.
+    assert padding_ratio(3, 16) == 13 / 16 and padding_ratio(0, 0) == 0.0

@@ -18,7 +18,16 @@ from reembed.documents import (
     with_shard,
 )
 from reembed.embedder import describe_model
-from reembed.ingest import C_CLIPPED, C_VECTOR, EMBED_STATUSES, BatchWriter, ChangeDetector, DocumentEncoder
+from reembed.ingest import (
+    C_CLIPPED,
+    C_PADDED,
+    C_TOKENS,
+    C_VECTOR,
+    EMBED_STATUSES,
+    BatchWriter,
+    ChangeDetector,
+    DocumentEncoder,
+)
 from reembed.quantize import fit_int8
 from reembed.store import CollectionIdentity, MilvusStore
 
@@ -76,6 +85,10 @@ def test_encoder_then_writer_upserts_good_rows_and_reports_rejects(tmp_path, min
     written = by_kind(summary, S_NEW)
     assert sum(w for _, _, w in written) == 5 and {p for p, _, _ in written} <= {"part_0000", "part_0001"}
     assert sum(summary["clipped"]) == clipped.sum()  # per (shard, status, partition), summed by the driver
+    # Token counts: the reject computes nothing; each text is padded to its own 16-multiple.
+    assert out[C_TOKENS][5] == 0 and out[C_PADDED][5] == 0
+    assert (out[C_PADDED][:5] == 16).all() and (out[C_TOKENS][:5] < 16).all()
+    assert sum(summary["tokens"]) == out[C_TOKENS].sum() and sum(summary["padded_tokens"]) == 80
     rejected = [r for k, r in zip(summary["kind"], summary["reason"], strict=True) if k == S_REJECTED]
     assert len(rejected) == 1 and rejected[0].startswith("missing text")
     assert set(summary["shard"]) == {"s#0-1"}
