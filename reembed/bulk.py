@@ -34,7 +34,7 @@ import numpy as np
 
 from reembed.documents import C_HASH, C_ID, C_TEXT, truncate_utf8
 from reembed.errors import CapabilityError, ConfigError, ReembedError
-from reembed.ingest import C_VECTOR, EMBED_STATUSES, SUMMARY_COLUMNS, BatchWriter
+from reembed.ingest import C_VECTOR, EMBED_STATUSES, BatchWriter, emit_summary_row
 from reembed.store import F_HASH, F_ID, F_PARTITION, F_TEXT, F_VECTOR, MilvusStore, vector_payload
 
 logger = logging.getLogger(__name__)
@@ -142,11 +142,7 @@ class BulkStager(BatchWriter):
         self._files = {}
         summary = super().__call__(batch)
         for partition, files in self._files.items():
-            row = dict(
-                zip(SUMMARY_COLUMNS, (KIND_STAGED, "", partition, 0, 0, "", "", json.dumps(files), 0), strict=True)
-            )
-            for col in SUMMARY_COLUMNS:
-                summary[col].append(row[col])
+            emit_summary_row(summary, KIND_STAGED, "", partition, count=0, raw=json.dumps(files))
         return summary
 
     def _write(self, batch: dict[str, np.ndarray], groups: dict[tuple[str, str], list[int]]) -> int:

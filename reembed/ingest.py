@@ -70,6 +70,25 @@ SUMMARY_COLUMNS = (
 )
 
 
+def emit_summary_row(
+    summary: dict[str, list[Any]],
+    kind: str,
+    shard: str,
+    partition: str = "",
+    count: int = 1,
+    written: int = 0,
+    doc_id: str = "",
+    reason: str = "",
+    raw: str = "",
+    clipped: int = 0,
+    tokens: tuple[int, int] = (0, 0),
+) -> None:
+    """Append one row of SUMMARY_COLUMNS to a writer's summary batch."""
+    values = (kind, shard, partition, count, written, doc_id, reason, raw, clipped, *tokens)
+    for col, value in zip(SUMMARY_COLUMNS, values, strict=True):
+        summary[col].append(value)
+
+
 def embed_mask(statuses: np.ndarray, embed_statuses: tuple[str, ...]) -> np.ndarray:
     return np.isin(statuses, np.asarray(embed_statuses, dtype=object))
 
@@ -187,10 +206,8 @@ class BatchWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
 
-        def emit(kind, shard, partition="", count=1, written=0, doc_id="", reason="", raw="", clipped=0, tokens=(0, 0)):
-            values = (kind, shard, partition, count, written, doc_id, reason, raw, clipped, *tokens)
-            for col, value in zip(SUMMARY_COLUMNS, values, strict=True):
-                summary[col].append(value)
+        def emit(kind, shard, partition="", **values):
+            emit_summary_row(summary, kind, shard, partition, **values)
 
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)  # (partition, status) -> rows
         counts: dict[tuple[str, str, str], int] = defaultdict(int)  # (shard, status, partition) -> rows

@@ -99,7 +99,7 @@ def service(versions, ray_local):
         assert time.monotonic() < deadline, "the service did not become ready"
         time.sleep(0.5)
     yield base
-    serve.delete("live")
+    serve.shutdown()  # later modules start Serve on ports of their own
 
 
 class Load:

@@ -90,6 +90,7 @@ def service(tmp_path_factory, cranfield, ray_local, lite):
     store.close()
 
     port = _free_port()
+    serve.shutdown()  # a Serve left by another module would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {
         "milvus_uri": lite.uri,

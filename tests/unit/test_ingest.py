@@ -1,6 +1,7 @@
 """The job's per-batch steps called directly, as Ray would call them, against embedded Milvus Lite."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -137,3 +138,31 @@ def test_change_detector_skips_unchanged_and_rewrites_changed_and_moved(tmp_path
     # `--full` keeps the text and embeds unchanged rows too.
     full = ChangeDetector(uri, None, "c", keep_unchanged_text=True)(second)
     assert full[C_TEXT][0] and S_UNCHANGED not in EMBED_STATUSES
+
+
+def test_bulk_stager_stages_parquet_and_reports_files_per_partition(tmp_path, minilm):
+    """The stager returns the writer's summary (written = staged) plus one KIND_STAGED row per
+    partition whose raw field lists the Parquet files; nothing reaches the collection itself."""
+    from reembed.bulk import KIND_STAGED, BulkStager
+
+    lines = [json.dumps({"_id": f"d{i}", "text": f"note {i} on boundary layers"}) for i in range(6)]
+    lines.append(json.dumps({"_id": "bad"}))
+    batch = as_batch(lines, DocumentSpec(partitions=2))
+    source, ident = minilm
+    floats = DocumentEncoder(source, "int8", None, device="cpu")(batch)[C_VECTOR]
+    cal = fit_int8(floats[:6], "global")
+    out = DocumentEncoder(source, "int8", cal.to_json(), device="cpu")(batch)
+    uri = str(tmp_path / "bulk.db")
+    store, _ = make_collection(uri, ident, cal, {"scheme": "hash", "partitions": 2})
+    (tmp_path / "staging").mkdir()  # the driver makes the run's staging folder
+    summary = BulkStager(uri, None, "c", 1000, str(tmp_path / "staging"))(out)
+    assert sum(w for _, _, w in by_kind(summary, S_NEW)) == 6
+    staged = {
+        p: json.loads(raw)
+        for k, p, raw in zip(summary["kind"], summary["partition"], summary["raw"], strict=True)
+        if k == KIND_STAGED
+    }
+    assert set(staged) <= {"part_0000", "part_0001"} and all(staged.values())
+    assert all(f.endswith(".parquet") and os.path.exists(f) for files in staged.values() for f in files)
+    assert len({len(v) for v in summary.values()}) == 1  # every column has a value for every row
+    assert store.count("c") == 0
