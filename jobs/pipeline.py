@@ -29,6 +29,9 @@ from reembed.shards import Shard, read_shard
 # actors, which use every core through torch threads, without Ray starving one of them.
 READ_NUM_CPUS = 0.25
 SHUFFLE_BYTES_PER_PARTITION = 256 << 20
+# Up to this much input the ids are counted in the driver (a few MB of strings) instead of by a
+# shuffle, whose operators take seconds to start: most of a small run's start-up otherwise.
+DRIVER_ID_COUNT_BYTES = 64 << 20
 WRITER_NUM_CPUS = 0.1
 DETECTOR_NUM_CPUS = 0.05
 # Rows handed to an embedding actor at once (x batch size); the embedder buckets them by length
@@ -173,6 +176,12 @@ def count_duplicate_ids(docs: ray.data.Dataset, input_bytes: int) -> dict[str, i
     is rejected the same way whatever the order in which blocks arrive.
     """
     ids = new_documents(docs).select_columns([C_ID])
+    if input_bytes <= DRIVER_ID_COUNT_BYTES:
+        counts: dict[str, int] = {}
+        for batch in ids.iter_batches(batch_format="pyarrow", batch_size=None):
+            for entry in pc.value_counts(batch.column(C_ID)).to_pylist():
+                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+        return {k: n for k, n in counts.items() if n > 1}
     # Ray's default of 200 shuffle partitions costs seconds of task overhead on a small corpus.
     partitions = max(1, min(200, input_bytes // SHUFFLE_BYTES_PER_PARTITION))
     counts = ids.groupby(C_ID, num_partitions=partitions).count()
