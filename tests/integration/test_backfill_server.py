@@ -89,6 +89,7 @@ def test_milvus_restarted_in_the_middle_of_writes_loses_nothing(tmp_path, cranfi
     assert_collection_is(uri, docs, "restart")
 
 
+@pytest.mark.slow  # a minute here; the incremental logic itself is in test_incremental.py on every run
 def test_search_keeps_answering_while_an_incremental_run_writes(tmp_path, cranfield, ray_local, milvus_server):
     docs = good_docs(cranfield, 120)
     src = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)

@@ -35,6 +35,7 @@ def test_bulk_is_refused_on_milvus_lite_before_any_work(tmp_path):
 
 
 @pytest.mark.milvus_server
+@pytest.mark.slow  # the stager's files and summary rows are unit-tested on every run (test_ingest.py)
 def test_bulk_backfill_into_milvus_server(tmp_path, cranfield, ray_local, milvus_server):
     docs = cranfield_docs(cranfield, 128)
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
