@@ -3,6 +3,11 @@
 Milvus Lite embedded runs inside the process that opens the .db folder; the backfill's actors are
 other processes, so the job starts `milvus-lite server` on the .db folder, hands the actors its
 loopback URI, flushes, and stops it at the end.
+
+It is stopped with SIGINT, never SIGTERM: on SIGINT the server drains its requests and closes the
+database, which waits for its background compaction and index builds. SIGTERM ends the process at
+once, and one that lands while an index file is being written leaves a truncated `.idx` that the
+next server fails to load (seen here: "read error in ...vector.hnsw.idx: 3946 != 23040").
 """
 
 from __future__ import annotations
@@ -28,15 +33,15 @@ def is_lite_uri(uri: str) -> bool:
     return uri.endswith(".db") and "://" not in uri
 
 
-def _terminate_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when the process that started it dies.
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGINT it (a clean close) when the process that started it dies.
 
     A driver killed with SIGKILL runs no clean-up; without this its server would live on, and a
     rerun would start a second server on the same .db. Writes since the last flush may then be
     lost, which the job's resume record allows for (a shard is recorded only after a flush).
     """
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGINT)
 
 
 def _free_port() -> int:
@@ -48,9 +53,12 @@ def _free_port() -> int:
 class LiteServer:
     """Context manager: `with LiteServer("./data/x.db") as uri:` gives http://127.0.0.1:PORT."""
 
-    def __init__(self, db_path: str, start_timeout: float = 60.0, port: int | None = None) -> None:
+    def __init__(
+        self, db_path: str, start_timeout: float = 60.0, port: int | None = None, stop_timeout: float = 600.0
+    ) -> None:
         self.db_path = Path(db_path).expanduser().resolve()
         self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
         self.port = port
         self.process: subprocess.Popen | None = None
         self.uri = ""
@@ -63,37 +71,70 @@ class LiteServer:
         if not Path(exe).exists():
             raise ConfigError("milvus_uri: a .db URI needs the milvus-lite package (pip install milvus-lite)")
         self.log_path = self.db_path.parent / f"{self.db_path.name}.server.log"
+        self.uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            self._spawn(exe, port)
+            failure = self._wait_until_listening(port, deadline)
+            if failure is None:
+                logger.info("milvus-lite server for %s on %s", self.db_path, self.uri)
+                return self.uri
+            # A server that is still closing the same .db (a killed driver's, told to stop) holds
+            # its lock for as long as its last flush and index builds take: wait for it.
+            if "DataDirLockedError" in failure and time.monotonic() < deadline:
+                logger.info("%s is still held by a closing Milvus Lite server; waiting", self.db_path)
+                time.sleep(1.0)
+                continue
+            self.__exit__(None, None, None)
+            raise StoreUnavailableError(f"milvus-lite server for {self.db_path}: {failure} (log: {self.log_path})")
+
+    def _spawn(self, exe: str, port: int) -> None:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 [exe, "server", "--data-dir", str(self.db_path), "--host", "127.0.0.1", "--port", str(port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
+                # Its own session: a Ctrl-C in the terminal reaches the driver, which stops it cleanly.
+                start_new_session=True,
+                preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
             )
-        self.uri = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + self.start_timeout
+
+    def _wait_until_listening(self, port: int, deadline: float) -> str | None:
+        """None once the port accepts connections; otherwise why not."""
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                lines = self.log_path.read_text(errors="replace").strip().splitlines()
-                raise StoreUnavailableError(
-                    f"milvus-lite server for {self.db_path} exited with {self.process.returncode}: "
-                    f"{lines[-1] if lines else 'no output'} (log: {self.log_path})"
+                with open(self.log_path, "rb") as fh:
+                    fh.seek(self._log_offset)
+                    text = fh.read().decode(errors="replace")
+                lines = text.strip().splitlines()
+                return f"exited with {self.process.returncode}: " + (
+                    next((ln for ln in reversed(lines) if "Error" in ln), lines[-1]) if lines else "no output"
                 )
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    logger.info("milvus-lite server for %s on %s", self.db_path, self.uri)
-                    return self.uri
+                    return None
             except OSError:
                 time.sleep(0.2)
-        self.__exit__(None, None, None)
-        raise StoreUnavailableError(f"milvus-lite server for {self.db_path} did not start in {self.start_timeout}s")
+        return f"did not start in {self.start_timeout}s"
 
     def __exit__(self, *exc: object) -> None:
+        """Stop the server cleanly: SIGINT, then wait while it closes the database."""
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(signal.SIGINT)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                logger.info("waiting for the Milvus Lite server to finish its index builds and close %s", self.db_path)
+                try:
+                    self.process.wait(timeout=self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    logger.warning(
+                        "the Milvus Lite server did not close %s in %.0fs; killing it (flushed rows are kept; "
+                        "an index file it was writing may need deleting)",
+                        self.db_path,
+                        self.stop_timeout,
+                    )
+                    self.process.kill()
+                    self.process.wait()
         self.process = None
