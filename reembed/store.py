@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -158,6 +159,19 @@ class CollectionInfo:
 
 def is_valid_milvus_name(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name))
+
+
+# faiss, under Milvus Lite, reading a segment's index file that is shorter than its header says.
+_DAMAGED_INDEX = re.compile(r"read error in (/\S+/indexes/[^/\s]+\.idx):")
+
+
+def damaged_lite_index(message: str) -> Path | None:
+    """The Milvus Lite index file a load failed to read, if the error names one that exists here."""
+    match = _DAMAGED_INDEX.search(message)
+    if not match:
+        return None
+    path = Path(match.group(1))
+    return path if path.is_file() and path.parent.name == "indexes" else None
 
 
 def _as_reembed_error(exc: Exception, what: str) -> ReembedError:
@@ -360,10 +374,33 @@ class MilvusStore:
         self._known_partitions.pop(name, None)
 
     def load(self, name: str) -> None:
-        """Load a collection for search and query (Milvus serves neither from a released one)."""
-        if name not in self._loaded:
-            self._call("load_collection", self.client.load_collection, name)
-            self._loaded.add(name)
+        """Load a collection for search and query (Milvus serves neither from a released one).
+
+        Milvus Lite writes each segment's index file in place after a flush; a process killed in the
+        middle leaves it cut short, and every later load fails on it. Such a file is derived data (the
+        segment's vectors are kept apart): it is deleted, Milvus Lite builds it again, and the load
+        is retried, once per damaged file.
+        """
+        if name in self._loaded:
+            return
+        repaired: set[Path] = set()
+        while True:
+            try:
+                self._call("load_collection", self.client.load_collection, name)
+                break
+            except ReembedError as err:
+                path = damaged_lite_index(str(err))
+                if path is None or path in repaired:
+                    raise
+                logger.warning(
+                    "collection %r: Milvus Lite index file %s is damaged (cut short by a process that died while "
+                    "writing it); deleting it so that Milvus Lite builds it again from the stored vectors",
+                    name,
+                    path,
+                )
+                path.unlink(missing_ok=True)
+                repaired.add(path)
+        self._loaded.add(name)
 
     def query(self, collection: str, filter_expr: str, output_fields: list[str], **kwargs: Any) -> list[dict]:
         self.load(collection)

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from reembed.errors import CapabilityError
-from reembed.store import CollectionIdentity, ServerCapabilities, _chunks_by_bytes, metric_for, vector_payload
+from reembed.store import (
+    CollectionIdentity,
+    ServerCapabilities,
+    _chunks_by_bytes,
+    damaged_lite_index,
+    metric_for,
+    vector_payload,
+)
 
 
 def test_capabilities_follow_server_version():
@@ -74,3 +81,16 @@ def test_identity_without_rerank_reads_as_none_and_rerank_must_match():
     assert CollectionIdentity.from_json(json.dumps(old)).rerank is None
     with_copies = dataclasses.replace(identity(), rerank="float16-base64")
     assert with_copies.differences(identity()) == ["rerank: collection has 'float16-base64', this run has None"]
+
+
+def test_only_an_existing_index_file_named_by_a_read_error_counts_as_damaged(tmp_path):
+    idx = tmp_path / "m.db" / "collections" / "c" / "partitions" / "p" / "indexes" / "data_1_2.vector.hnsw.idx"
+    idx.parent.mkdir(parents=True)
+    idx.write_bytes(b"x")
+    message = f"Error: 'ret == (size)' failed: read error in {idx}: 3946 != 23040 (Resource temporarily unavailable)"
+    assert damaged_lite_index(message) == idx
+    assert damaged_lite_index(message.replace(str(idx), str(idx) + ".gone")) is None
+    assert damaged_lite_index("collection not loaded") is None
+    outside = tmp_path / "other.idx"
+    outside.write_bytes(b"x")
+    assert damaged_lite_index(f"read error in {outside}: 1 != 2") is None
