@@ -245,7 +245,7 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     log = _shard_log(cfg, spec, store, wanted) if exists else None
     todo, done = plan_shards(plan, shard_bytes, None if cfg.full else log)
     logger.info("%d shard(s) to read, %d already done (resume record %s)", len(todo), len(done), _state_path(cfg))
-    duplicates = pipeline.count_duplicate_ids(pipeline.read_documents(todo, plan.filesystem, spec), plan.total_bytes)
+    duplicates = pipeline.count_duplicate_ids(todo, plan.filesystem, spec, plan.total_bytes)
     if duplicates:
         logger.warning("%d ids appear more than once in the input: every copy is rejected", len(duplicates))
     docs = pipeline.read_documents(todo, plan.filesystem, spec, duplicates)

@@ -169,23 +169,29 @@ def new_documents(docs: ray.data.Dataset) -> ray.data.Dataset:
     return docs.map_batches(_new_rows, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
 
 
-def count_duplicate_ids(docs: ray.data.Dataset, input_bytes: int) -> dict[str, int]:
+def count_duplicate_ids(
+    shards: list[Shard], fs: pafs.FileSystem, spec: DocumentSpec, input_bytes: int
+) -> dict[str, int]:
     """Ids that appear more than once among good documents, with their counts.
 
-    A pass over the ids alone (a shuffle of short strings), so that every copy of a repeated id
-    is rejected the same way whatever the order in which blocks arrive.
+    A pass over the ids alone before the main one, so that every copy of a repeated id is rejected
+    the same way whatever the order in which blocks arrive. An input of at most
+    DRIVER_ID_COUNT_BYTES is read in the driver itself (7,000 documents: 0.07 s, against 2.7 s for
+    the same read as a Ray Data pass); a larger one with a shuffle of the ids in Ray Data.
     """
-    ids = new_documents(docs).select_columns([C_ID])
     if input_bytes <= DRIVER_ID_COUNT_BYTES:
         counts: dict[str, int] = {}
-        for batch in ids.iter_batches(batch_format="pyarrow", batch_size=None):
-            for entry in pc.value_counts(batch.column(C_ID)).to_pylist():
-                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+        for shard in shards:
+            for table in read_shard(fs, shard, spec):
+                ids = table.filter(pc.equal(table.column(C_STATUS), S_NEW)).column(C_ID)
+                for entry in pc.value_counts(ids).to_pylist():
+                    counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
         return {k: n for k, n in counts.items() if n > 1}
+    ids = new_documents(read_documents(shards, fs, spec)).select_columns([C_ID])
     # Ray's default of 200 shuffle partitions costs seconds of task overhead on a small corpus.
     partitions = max(1, min(200, input_bytes // SHUFFLE_BYTES_PER_PARTITION))
-    counts = ids.groupby(C_ID, num_partitions=partitions).count()
-    repeated = counts.map_batches(_repeated_ids, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
+    counts_ds = ids.groupby(C_ID, num_partitions=partitions).count()
+    repeated = counts_ds.map_batches(_repeated_ids, batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
     return {r[C_ID]: int(r["count()"]) for r in repeated.take_all()}
 
 

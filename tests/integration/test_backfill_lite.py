@@ -264,8 +264,8 @@ def test_repeated_ids_are_counted_alike_in_the_driver_and_by_a_shuffle(tmp_path,
     plan = inspect_input(str(src), "_id", ["title", "text"], None)
     shards, _ = plan_shards(plan, 256)  # several shards, several blocks
     spec = DocumentSpec()
-    driver = pipeline.count_duplicate_ids(pipeline.read_documents(shards, plan.filesystem, spec), plan.total_bytes)
+    driver = pipeline.count_duplicate_ids(shards, plan.filesystem, spec, plan.total_bytes)
     monkeypatch.setattr(pipeline, "DRIVER_ID_COUNT_BYTES", -1)
-    shuffled = pipeline.count_duplicate_ids(pipeline.read_documents(shards, plan.filesystem, spec), plan.total_bytes)
+    shuffled = pipeline.count_duplicate_ids(shards, plan.filesystem, spec, plan.total_bytes)
     expected = {f"d{k}": sum(1 for i in range(0, 60, 3) if i % 7 == k) for k in range(7)}
     assert driver == shuffled == {k: n for k, n in expected.items() if n > 1}
