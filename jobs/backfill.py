@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="texts per model forward pass, or 'auto': probed once per actor, halved on out-of-memory, cached "
         "(default 64)",
     )
-    p.add_argument("--writers", type=int, help="writer actors")
+    p.add_argument("--writers", type=int, help="writer actors (default: one per GPU, else one per 8 CPU actors)")
     p.add_argument("--write-batch-rows", type=int, help="rows per upsert request (before the byte cap)")
     p.add_argument("--max-text-bytes", type=int, help="stored text is cut to this many UTF-8 bytes")
     p.add_argument(

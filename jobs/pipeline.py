@@ -76,11 +76,23 @@ def io_reserve_cpus(writers: int) -> float:
     return 2 * READ_NUM_CPUS + writers * (WRITER_NUM_CPUS + DETECTOR_NUM_CPUS) + 0.05
 
 
+# CPU embedding actors per writer actor: a writer upserts thousands of rows a second, a CPU actor
+# embeds tens. On 2 cores a second writer (and change detector) measurably slowed the job down.
+CPU_ACTORS_PER_WRITER = 8
+
+
+def default_writers(actors: int, gpus: int, use_gpu: bool) -> int:
+    """Writer actors when none are asked for: one per GPU, else one per CPU_ACTORS_PER_WRITER actors."""
+    if use_gpu:
+        return max(1, gpus)
+    return max(1, math.ceil(actors / CPU_ACTORS_PER_WRITER))
+
+
 def plan_compute(
     actors: int | None,
     device: str,
     batch_size: int | str,
-    writers: int,
+    writers: int | None,
     write_batch_rows: int,
     threads_per_actor: int | None,
     shape: tuple[float, int, int] | None = None,
@@ -100,8 +112,10 @@ def plan_compute(
     threads = threads_per_actor or 1
     if use_gpu:
         n_actors, cpus_per_actor = actors or max(1, gpus) * actors_per_gpu, 1.0
+        writers = writers or default_writers(n_actors, gpus, True)
     else:
         n_actors = actors or max(1, int(cpus // threads))
+        writers = writers or default_writers(n_actors, gpus, False)
         per_node = math.ceil(n_actors / nodes)
         # Leave each node room for a read task, a parse task, the change detectors and the writers
         # (counted as if all landed on it): if the actors held every CPU, Ray Data could never

@@ -107,7 +107,9 @@ class BackfillConfig(BaseSettings):
     actors_per_gpu: int = Field(
         1, ge=1, le=64, description="embedding actors sharing one GPU (each asks Ray for 1/N of a GPU)"
     )
-    writers: int = Field(2, ge=1, le=256)
+    writers: int | None = Field(
+        None, ge=1, le=256, description="writer actors (default: one per GPU, else one per 8 CPU embedding actors)"
+    )
     write_batch_rows: int = Field(512, ge=1, le=10_000)
     max_text_bytes: int = Field(65_535, ge=256, le=65_535)
     write_mode: WriteMode = Field(
@@ -433,7 +435,7 @@ class MigrateConfig(BaseSettings):
     dtype: Dtype = "auto"
     backend: Backend = "torch"
     actors_per_gpu: int = Field(1, ge=1, le=64)
-    writers: int = Field(2, ge=1, le=256)
+    writers: int | None = Field(None, ge=1, le=256)
     max_text_bytes: int = Field(65_535, ge=256, le=65_535)
     output_dir: str = "./data/runs"
 

@@ -25,6 +25,22 @@ def test_one_actor_per_gpu_where_there_are_gpus():
     assert cpu_only.device == "cpu" and cpu_only.gpus_per_actor == 0.0
 
 
+@pytest.mark.parametrize(
+    ("shape", "device", "actors", "expected"),
+    [
+        ((2.0, 0, 1), "auto", None, 1),  # 2 CPU actors: one writer (a second one slowed the job here)
+        ((16.0, 0, 1), "auto", None, 2),  # 16 CPU actors
+        ((64.0, 0, 4), "auto", None, 8),
+        ((32.0, 4, 2), "auto", None, 4),  # one per GPU
+        ((32.0, 4, 2), "cpu", 9, 2),
+    ],
+)
+def test_writers_by_default_scale_with_the_embedding_actors(shape, device, actors, expected):
+    plan = plan_compute(actors, device, 64, None, 512, None, shape=shape)
+    assert plan.writers == expected
+    assert plan_compute(actors, device, 64, 3, 512, None, shape=shape).writers == 3  # asked for: kept
+
+
 def test_milvus_lite_is_refused_on_a_multi_node_cluster():
     import pytest
 
