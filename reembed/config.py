@@ -136,6 +136,11 @@ class BackfillConfig(BaseSettings):
     checkpoint_interval_s: float = Field(
         30.0, gt=0, le=86_400, description="how often finished shards are flushed and recorded for resume"
     )
+    dashboard: bool = Field(
+        False,
+        description="start the Ray dashboard with a local Ray the job starts itself (about 1 s of start-up); "
+        "a job submitted to a cluster uses the cluster's dashboard",
+    )
 
     @field_validator("text_fields", mode="before")
     @classmethod
