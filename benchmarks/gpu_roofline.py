@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cpu_backend import job_texts  # the job's own text per document
 
 from reembed.config import DEFAULT_MODEL
 from reembed.embedder import Embedder, resolve_model
@@ -73,13 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     records = [json.loads(line) for line in Path(args.corpus).read_text().splitlines() if line.strip()]
-    texts = [f"{r.get('title') or ''} {r.get('text') or ''}".strip() for r in records]
-    texts = [t for t in texts if t]
+    _, texts = job_texts({str(i): r for i, r in enumerate(records)}, args.corpus)
     docs = [texts[i % len(texts)] for i in range(args.docs)]
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    device = args.device
-    dtype = args.dtype if device != "cpu" or args.dtype in ("auto", "float32", "bfloat16") else "float32"
-    embedder = Embedder(resolve_model(args.model), device=device, threads=None, batch_size=batch, dtype=dtype)
+    embedder = Embedder(resolve_model(args.model), device=args.device, threads=None, batch_size=batch, dtype=args.dtype)
     embedder.encode_documents(docs[: min(len(docs), 256)])  # warm-up (and the batch-size probe)
 
     import torch

@@ -197,8 +197,7 @@ def count_duplicate_ids(
         counts: dict[str, int] = {}
         for shard in shards:
             for table in read_shard(fs, shard, spec):
-                ids = table.filter(pc.equal(table.column(C_STATUS), S_NEW)).column(C_ID)
-                for entry in pc.value_counts(ids).to_pylist():
+                for entry in pc.value_counts(_new_rows(table).column(C_ID)).to_pylist():
                     counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
         return {k: n for k, n in counts.items() if n > 1}
     ids = new_documents(read_documents(shards, fs, spec)).select_columns([C_ID])

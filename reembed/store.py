@@ -171,7 +171,7 @@ def damaged_lite_index(message: str) -> Path | None:
     if not match:
         return None
     path = Path(match.group(1))
-    return path if path.is_file() and path.parent.name == "indexes" else None
+    return path if path.is_file() else None
 
 
 def _as_reembed_error(exc: Exception, what: str) -> ReembedError:
