@@ -30,6 +30,10 @@ CLIENTS = 4
 K = 5
 MAX_REQUESTS = 5000  # the load stops by itself
 MAX_SECONDS = 120.0
+REFRESH_S = 0.5  # the service re-reads the alias this often (ServiceConfig.identity_refresh_s)
+# A re-read is a describe + load call to Milvus run in the background: on a busy 2-core machine it
+# can take a while, and a request sent before it finishes is still answered by the old pair.
+REFRESH_SLACK_S = 2.0
 
 
 def _free_port() -> int:
@@ -84,7 +88,7 @@ def service(versions, ray_local):
         max_replicas=1,
         embedder_num_cpus=0.25,
         ingress_num_cpus=0.25,
-        identity_refresh_s=0.5,
+        identity_refresh_s=REFRESH_S,
         search_timeout_s=10.0,
     )
     serve.run(build_app(cfg), name="live", route_prefix="/", blocking=False)
@@ -195,9 +199,13 @@ def test_switch_and_rollback_under_load(service, versions, cranfield, capsys):
     keys = versions["keys"]
     assert {(r["collection"], r["model_key"]) for r in results} == set(keys.items())
     assert keys["live_v1"].endswith("/384") and keys["live_v2"].endswith("/32")
-    # live_v2 answers only requests sent after the switch began, and before the rollback finished.
+    # live_v2 answers only requests sent after the switch began, and none sent later than one alias
+    # re-read after the rollback finished: the service follows an alias switch within
+    # identity_refresh_s (plus the re-read itself), it does not look the alias up per request.
     v2 = [r for r in results if r["collection"] == "live_v2"]
-    assert min(r["sent"] for r in v2) >= switch_at and max(r["sent"] for r in v2) <= rolled_back
+    assert min(r["sent"] for r in v2) >= switch_at
+    late = max(r["sent"] for r in v2) - rolled_back
+    assert late <= REFRESH_S + REFRESH_SLACK_S, f"live_v2 still answered a request sent {late:.2f} s after the rollback"
     assert any(r["collection"] == "live_v1" and r["done"] > rollback_at for r in results)
 
     # Every answer is the ranking its collection's own model gives (in-process, same int8 codes).
