@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=1, help="query embedder replicas, at least")
     p.add_argument("--max-replicas", type=int, default=1, help="query embedder replicas, at most")
     p.add_argument("--embedder-num-cpus", type=float, default=1.0, help="CPUs (and torch threads) per embedder")
+    p.add_argument("--embedder-threads", type=int, default=None, help="torch threads per embedder (the service's)")
     p.add_argument("--ingress-num-cpus", type=float, default=0.5)
     p.add_argument("--max-batch-size", type=int, default=None, help="embedder @serve.batch size (service default)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=None, help="(default: the service's)")
@@ -563,6 +564,7 @@ def measure_service(
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
         embedder_num_cpus=args.embedder_num_cpus,
+        embedder_threads=args.embedder_threads,
         ingress_num_cpus=args.ingress_num_cpus,
         **{k: v for k, v in overrides.items() if v is not None},
     )
@@ -591,6 +593,9 @@ def measure_service(
             raise RuntimeError(f"{exc}\n{_serve_log_tail(work)}") from None
         ready_s = time.perf_counter() - started
         logger.info("service ready on %s after %.1fs: %s", base, ready_s, ready.get("collection"))
+        if os.environ.get("BENCH_DIRECT_PORT"):
+            base = f"http://127.0.0.1:{os.environ['BENCH_DIRECT_PORT']}"
+            wait_ready(base, READY_TIMEOUT_S)
 
         search_worker = http_search_worker(base, args.k, args.ef)
         session = requests.Session()
@@ -765,7 +770,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     notes = [
         "one machine: the client threads, the service (Ray, proxy, ingress, embedder, Milvus Lite) and, "
         "in its turn, the baseline share its CPUs",
-        f"the service's embedder runs int(embedder_num_cpus)={max(1, int(args.embedder_num_cpus))} torch "
+        f"the service's embedder runs {args.embedder_threads or max(1, int(args.embedder_num_cpus))} torch "
         f"thread(s); the baseline {baseline['torch_threads']}",
         "qps counts successful requests; latency percentiles are over successful requests, client side",
     ]

@@ -242,11 +242,24 @@ class ServiceConfig(BaseSettings):
 
     # Query embedding deployment: dynamic batching and autoscaling.
     max_batch_size: int = Field(32, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=1.0)
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="@serve.batch's wait for a fuller batch; 0: none (batches that wait for the model are "
+        "merged anyway, see serve/coalesce.py)",
+    )
     min_replicas: int = Field(1, ge=1, le=1024)
     max_replicas: int = Field(2, ge=1, le=1024)
     target_ongoing_requests: float = Field(16, gt=0, le=10_000)
     embedder_num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs (and torch threads) per CPU replica")
+    embedder_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="torch threads per CPU replica (default: int(embedder_num_cpus)); more than its CPUs lets "
+        "one replica use idle cores between the other deployments' requests",
+    )
     embedder_num_gpus: float | None = Field(
         None, ge=0, le=8, description="GPUs per replica (default: 1 where the cluster has GPUs, else 0)"
     )

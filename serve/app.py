@@ -12,7 +12,6 @@ runtime through Serve's wrapper, and string annotations would turn `Request` int
 import asyncio
 import hmac
 import logging
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from reembed.config import ServiceConfig
 from reembed.embedder import Embedder, pick_device
 from reembed.lite import is_lite_uri
 from reembed.search import load_query_model, model_key
+from serve.coalesce import Coalescer
 from serve.models import SearchRequest
 from serve.service import RequestError, SearchService
 
@@ -36,17 +36,21 @@ logger = logging.getLogger(__name__)
 
 # Models kept loaded per embedder replica: the current one and, during a migration, the next.
 MODELS_PER_REPLICA = 2
+# Batches @serve.batch lets through at once; serve.coalesce merges those that wait for the model.
+MAX_CONCURRENT_BATCHES = 8
+# Requests an embedder replica takes at once: at least max_batch_size x MAX_CONCURRENT_BATCHES.
+EMBEDDER_MAX_ONGOING = 256
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(max_ongoing_requests=EMBEDDER_MAX_ONGOING)
 class QueryEmbedder:
     """Float query embeddings, batched across concurrent requests; loads the model a collection names."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.cfg = ServiceConfig(**config)
         self.device = pick_device(self.cfg.device)
-        self.threads = max(1, int(self.cfg.embedder_num_cpus))
-        self._models: OrderedDict[str, Embedder] = OrderedDict()
+        self.threads = self.cfg.embedder_threads or max(1, int(self.cfg.embedder_num_cpus))
+        self._models: OrderedDict[str, tuple[Embedder, Coalescer[str]]] = OrderedDict()
         self._load_lock = asyncio.Lock()
         self._embed_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -58,7 +62,7 @@ class QueryEmbedder:
         except Exception:  # outside Ray (unit tests) there is nowhere to report to
             logger.debug("no Ray metrics", exc_info=True)
 
-    async def _model(self, model: dict[str, Any]) -> Embedder:
+    async def _model(self, model: dict[str, Any]) -> tuple[Embedder, Coalescer[str]]:
         key = model_key(model)
         if key in self._models:
             self._models.move_to_end(key)
@@ -68,39 +72,51 @@ class QueryEmbedder:
                 embedder = await asyncio.to_thread(
                     load_query_model, model, self.device, None, self.cfg.max_batch_size, self.threads
                 )
-                self._models[key] = embedder
+                # The model runs in a worker thread, one call at a time; what waits meanwhile is merged.
+                queue = Coalescer(embedder.encode_queries, self.cfg.max_batch_size, self._record_call)
+                self._models[key] = (embedder, queue)
                 while len(self._models) > MODELS_PER_REPLICA:
                     self._models.popitem(last=False)
                 logger.info("loaded %s on %s", key, self.device)
         return self._models[key]
 
+    def _record_call(self, n: int, seconds: float) -> None:
+        if self.metrics:
+            self.metrics.batch(n, seconds * 1e3)
+
     async def check(self, model: dict[str, Any]) -> dict[str, Any]:
         """Load (or find) the model and prove it matches the collection's; raises ModelMismatchError."""
-        embedder = await self._model(model)
+        embedder, _ = await self._model(model)
         return {"model": model_key(model), "device": embedder.device, "dimension": embedder.dimension}
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Model calls and the queries they covered, per loaded model (this replica)."""
+        return {key: {"model_calls": q.calls, "queries": q.items} for key, (_, q) in self._models.items()}
 
     async def embed(self, model: dict[str, Any], text: str) -> np.ndarray:
         return await self._embed_batch(model, text)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    # Ray forms a batch as soon as it hands off the previous one, so behind a running batch they stay
+    # small; MAX_CONCURRENT_BATCHES of them reach embed_many at once and the Coalescer merges them.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _embed_batch(self, models: list[dict[str, Any]], texts: list[str]) -> list[np.ndarray]:
         return await self.embed_many(models, texts)
 
     async def embed_many(self, models: list[dict[str, Any]], texts: list[str]) -> list[np.ndarray]:
-        """One batch: texts grouped by model (two during a migration), each group one model call."""
+        """One batch: texts grouped by model (two during a migration), each group one model call
+        (merged with the other batches waiting for that model)."""
         out: list[np.ndarray | None] = [None] * len(texts)
         groups: dict[str, list[int]] = {}
         for i, m in enumerate(models):
             groups.setdefault(model_key(m), []).append(i)
-        for idx in groups.values():
-            embedder = await self._model(models[idx[0]])
-            t0 = time.perf_counter()
-            # In a thread, so requests keep queueing (and form the next batch) while the model runs.
-            vectors = await asyncio.to_thread(embedder.encode_queries, [texts[i] for i in idx])
-            if self.metrics:
-                self.metrics.batch(len(idx), (time.perf_counter() - t0) * 1e3)
+
+        async def run(idx: list[int]) -> None:
+            _, queue = await self._model(models[idx[0]])
+            vectors = await queue([texts[i] for i in idx])
             for i, vec in zip(idx, vectors, strict=True):
                 out[i] = vec
+
+        await asyncio.gather(*(run(idx) for idx in groups.values()))
         return out  # type: ignore[return-value]
 
 
@@ -230,6 +246,7 @@ def build_app(args: ServiceConfig) -> Application:
         config["milvus_uri"] = str(Path(cfg.milvus_uri).expanduser().resolve())
     gpus = _embedder_gpus(cfg)
     embedder = QueryEmbedder.options(
+        max_ongoing_requests=max(EMBEDDER_MAX_ONGOING, cfg.max_batch_size * MAX_CONCURRENT_BATCHES),
         autoscaling_config={
             "min_replicas": cfg.min_replicas,
             "max_replicas": cfg.max_replicas,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from reembed.embedder import describe_model
 from reembed.lite import LiteServer
 from reembed.search import Searcher
 from reembed.store import MilvusStore
-from tests.conftest import cranfield_docs, write_jsonl
+from tests.conftest import cranfield_docs, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -266,6 +267,38 @@ def test_milvus_down_gives_503_and_the_service_recovers(service):
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["id"] == "3"
     assert _wait_ready(service["base"] + "/readyz", 30).status_code == 200
+
+
+def test_concurrent_queries_share_model_calls_and_each_gets_its_own_answer(service, cranfield):
+    """Queries that wait for the model are merged into its next call (serve/coalesce.py): 24 distinct
+    queries sent at once take fewer model calls than queries, and each answer is its query's own."""
+    from ray import serve
+
+    embedder = serve.get_deployment_handle("QueryEmbedder", app_name="main")
+
+    def counts() -> tuple[int, int]:
+        stats = embedder.stats.remote().result()
+        return sum(s["model_calls"] for s in stats.values()), sum(s["queries"] for s in stats.values())
+
+    texts = [q["text"] for q in read_jsonl(cranfield / "queries.jsonl")[100:124]]  # distinct rankings
+    alone = {t: post(service, {"query": t, "k": 3}).json()["results"] for t in texts[:3]}
+    calls0, queries0 = counts()
+    with ThreadPoolExecutor(len(texts)) as pool:
+        replies = list(pool.map(lambda t: post(service, {"query": t + " ", "k": 3}), texts))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:2]
+    for t in texts[:3]:  # the trailing space is normalised away: a cache hit, the same vector
+        assert [h["id"] for h in replies[texts.index(t)].json()["results"]] == [h["id"] for h in alone[t]]
+    calls1, queries1 = counts()
+    assert queries1 - queries0 == 21  # the 21 queries the cache had not seen, each embedded once
+    assert calls1 - calls0 < 21, f"{calls1 - calls0} model calls for 21 queries: nothing was merged"
+    # Each merged answer is its own query's: the same ranking as the in-process Searcher gives it.
+    store = MilvusStore(service["lite"].uri)
+    try:
+        hits, _ = Searcher(store, "docs", device="cpu").search(texts, k=3)
+    finally:
+        store.close()
+    for t, r, expected in zip(texts, replies, hits, strict=True):
+        assert [h["id"] for h in r.json()["results"]] == [h.id for h in expected], t
 
 
 def test_metrics_reach_prometheus(service, ray_local):
