@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-replicas", type=int, default=1, help="query embedder replicas, at most")
     p.add_argument("--embedder-num-cpus", type=float, default=1.0, help="CPUs (and torch threads) per embedder")
     p.add_argument("--embedder-threads", type=int, default=None, help="torch threads per embedder (the service's)")
+    p.add_argument(
+        "--ray-serve-defaults",
+        action="store_true",
+        help="start Ray without serve/runtime.py's SERVE_ENV (Serve's default mode), for comparison",
+    )
     p.add_argument("--ingress-num-cpus", type=float, default=0.5)
     p.add_argument("--max-batch-size", type=int, default=None, help="embedder @serve.batch size (service default)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=None, help="(default: the service's)")
@@ -551,6 +556,7 @@ def measure_service(
 
     from reembed.config import ServiceConfig
     from serve.app import build_app
+    from serve.runtime import apply_serve_env
 
     overrides = {
         "max_batch_size": args.max_batch_size,
@@ -575,6 +581,7 @@ def measure_service(
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.pop("RAY_ADDRESS", None)
+    serve_env = {} if args.ray_serve_defaults else apply_serve_env()
     cpus = os.cpu_count() or 1
     started = time.perf_counter()
     # Replica logs (one access-log line a request) stay in files, not on this process's stderr:
@@ -593,9 +600,6 @@ def measure_service(
             raise RuntimeError(f"{exc}\n{_serve_log_tail(work)}") from None
         ready_s = time.perf_counter() - started
         logger.info("service ready on %s after %.1fs: %s", base, ready_s, ready.get("collection"))
-        if os.environ.get("BENCH_DIRECT_PORT"):
-            base = f"http://127.0.0.1:{os.environ['BENCH_DIRECT_PORT']}"
-            wait_ready(base, READY_TIMEOUT_S)
 
         search_worker = http_search_worker(base, args.k, args.ef)
         session = requests.Session()
@@ -652,6 +656,7 @@ def measure_service(
         final_stats = stats()
         return {
             "config": cfg.model_dump(exclude={"api_key", "milvus_token"}),
+            "serve_env": serve_env,
             "ready_s": round(ready_s, 3),
             "top_ids": top_ids,
             "levels": service_levels,
@@ -807,6 +812,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         },
         "service": {
             "config": service["config"],
+            "serve_env": service["serve_env"],
             "ready_s": service["ready_s"],
             "what": "POST /search, every query new to the cache",
             "levels": service["levels"],

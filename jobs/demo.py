@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from reembed.config import DEFAULT_MILVUS_URI
+from serve.runtime import apply_serve_env
 
 logger = logging.getLogger(__name__)
 
@@ -450,6 +451,8 @@ def _init_ray() -> bool:
 
     if ray.is_initialized():
         return False
+    if not os.environ.get("RAY_ADDRESS"):
+        apply_serve_env()  # a local Ray: its Serve runs in the throughput-optimised mode (serve/runtime.py)
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
     return True
 

@@ -91,7 +91,10 @@ def ray_local():
     """One local Ray for the whole session; the job reuses it instead of starting its own."""
     import ray
 
+    from serve.runtime import apply_serve_env
+
     if not ray.is_initialized():
+        apply_serve_env()  # the Serve mode the launchers ship with (serve/runtime.py)
         try:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
         except Exception as exc:  # noqa: BLE001 - seen once on a loaded 2-core machine: raylet start timed out

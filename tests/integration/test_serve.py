@@ -3,6 +3,7 @@ test can stop and restart), the MiniLM model, a collection made by the backfill 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -274,11 +275,15 @@ def test_concurrent_queries_share_model_calls_and_each_gets_its_own_answer(servi
     queries sent at once take fewer model calls than queries, and each answer is its query's own."""
     from ray import serve
 
-    embedder = serve.get_deployment_handle("QueryEmbedder", app_name="main")
+    async def stats() -> dict:
+        # In an event loop: with SERVE_ENV a handle's router runs on the caller's loop.
+        return await serve.get_deployment_handle("QueryEmbedder", app_name="main").stats.remote()
+
+    loop = asyncio.new_event_loop()  # one loop for the handle's whole life (left open for Serve's shutdown)
 
     def counts() -> tuple[int, int]:
-        stats = embedder.stats.remote().result()
-        return sum(s["model_calls"] for s in stats.values()), sum(s["queries"] for s in stats.values())
+        s = loop.run_until_complete(stats())
+        return sum(m["model_calls"] for m in s.values()), sum(m["queries"] for m in s.values())
 
     texts = [q["text"] for q in read_jsonl(cranfield / "queries.jsonl")[100:124]]  # distinct rankings
     alone = {t: post(service, {"query": t, "k": 3}).json()["results"] for t in texts[:3]}

@@ -59,6 +59,23 @@ def test_ray_cluster_yaml_has_head_cpu_and_gpu_workers_that_install_the_project(
     assert "torch==2.13.0" in " ".join(config["setup_commands"])  # the version pyproject pins
 
 
+def test_every_node_starts_ray_with_the_serve_env():
+    """Serve reads SERVE_ENV when Ray starts on a node: each `ray start` must export all of it."""
+    from serve.runtime import SERVE_ENV
+
+    config = load_yaml("ray_cluster.yaml")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        env, _, _ = start.partition("ray start")
+        exported = dict(
+            word.split("=", 1)
+            for part in env.split(";")
+            if part.strip().startswith("export ")
+            for word in shlex.split(part)[1:]
+        )
+        assert exported == SERVE_ENV, (key, start)
+
+
 # --- KubeRay -----------------------------------------------------------------------------------
 
 
@@ -102,6 +119,10 @@ def test_rayservice_builds_the_real_app_with_valid_args_and_the_api_key_from_a_s
         env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
         ref = env["REEMBED_API_KEY"]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "reembed-secrets" and ref["key"] == "api-key"
+        # Ray's high-throughput Serve on KubeRay: the optimised mode, and HAProxy (direct ingress) on
+        # every pod's port 8000 instead of Serve's Python proxy.
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1"
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
     assert "api_key" not in app["args"], "the key belongs in the secret, not in the manifest"
     monkeypatch.setenv("REEMBED_API_KEY", "from-the-secret")
     cfg = ServiceConfig(**app["args"])
