@@ -7,8 +7,9 @@ to stderr. Serve reads these settings once, when its controller, proxies and rep
 their environment: so they must be in the environment of whatever starts Ray (`ray start`, or the
 `ray.init()` that starts a local Ray), not in the app's config.
 
-Measured on 2 CPU cores (`benchmarks/serve_latency.py`, see the README): 2-5 ms less per request at
-one client and 6-10 % more queries per second at 16. The local launchers (`jobs.demo`, the benchmark,
+Measured on 2 CPU cores (`benchmarks/serve_latency.py` against `--ray-serve-defaults`, see the
+README): 5-6 ms less per request at one client; at 16 clients the same within the machine's noise.
+The local launchers (`jobs.demo`, the benchmark,
 the tests) set it when they start Ray; `ray_cluster.yaml` and the KubeRay manifests set it on every
 node. Direct ingress (HTTP straight into the ingress replica, on ports 30000+) stays off where no
 HAProxy sits in front: on KubeRay, Ray's HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`) takes port 8000 on
