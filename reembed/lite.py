@@ -33,15 +33,22 @@ def is_lite_uri(uri: str) -> bool:
     return uri.endswith(".db") and "://" not in uri
 
 
-def _stop_with_parent() -> None:
-    """In the child, before exec: SIGINT it (a clean close) when the process that started it dies.
+def _prepare_child() -> None:
+    """In the child, before exec: make SIGINT (the clean close) work, and send it when the parent dies.
 
-    A driver killed with SIGKILL runs no clean-up; without this its server would live on, and a
-    rerun would start a second server on the same .db. Writes since the last flush may then be
-    lost, which the job's resume record allows for (a shard is recorded only after a flush).
+    A process started in the background by a non-interactive shell (`nohup python -m jobs.backfill
+    ... &`, or `cmd &` in a script) has SIGINT ignored, and exec keeps that: Python then installs no
+    handler, and the server would sit out every SIGINT the job sends it (seen here: the job waited
+    on it until its stop timeout). So SIGINT goes back to its default first.
+
+    A driver killed with SIGKILL runs no clean-up; without the parent-death signal its server would
+    live on, and a rerun would start a second server on the same .db. Writes since the last flush
+    may then be lost, which the job's resume record allows for (a shard is recorded only after a flush).
     """
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform == "linux":
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGINT)
 
 
 def _free_port() -> int:
@@ -97,7 +104,7 @@ class LiteServer:
                 stderr=subprocess.STDOUT,
                 # Its own session: a Ctrl-C in the terminal reaches the driver, which stops it cleanly.
                 start_new_session=True,
-                preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_prepare_child,
             )
 
     def _wait_until_listening(self, port: int, deadline: float) -> str | None:
