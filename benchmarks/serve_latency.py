@@ -657,6 +657,7 @@ def measure_service(
         return {
             "config": cfg.model_dump(exclude={"api_key", "milvus_token"}),
             "serve_env": serve_env,
+            "embedder_threads": cfg.embedder_torch_threads,
             "ready_s": round(ready_s, 3),
             "top_ids": top_ids,
             "levels": service_levels,
@@ -775,7 +776,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     notes = [
         "one machine: the client threads, the service (Ray, proxy, ingress, embedder, Milvus Lite) and, "
         "in its turn, the baseline share its CPUs",
-        f"the service's embedder runs {args.embedder_threads or max(1, int(args.embedder_num_cpus))} torch "
+        f"the service's embedder runs {service['embedder_threads']} torch "
         f"thread(s); the baseline {baseline['torch_threads']}",
         "qps counts successful requests; latency percentiles are over successful requests, client side",
     ]

@@ -252,13 +252,15 @@ class ServiceConfig(BaseSettings):
     min_replicas: int = Field(1, ge=1, le=1024)
     max_replicas: int = Field(2, ge=1, le=1024)
     target_ongoing_requests: float = Field(16, gt=0, le=10_000)
-    embedder_num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs (and torch threads) per CPU replica")
+    embedder_num_cpus: float = Field(
+        1.0, gt=0, le=256, description="CPUs per CPU replica (and, unless embedder_threads, its torch threads)"
+    )
     embedder_threads: int | None = Field(
         None,
         ge=1,
         le=256,
-        description="torch threads per CPU replica (default: int(embedder_num_cpus)); more than its CPUs lets "
-        "one replica use idle cores between the other deployments' requests",
+        description="torch threads per CPU replica (default: int(embedder_num_cpus)); more than its CPUs speeds "
+        "a lone query on idle cores and slows a loaded service whose other deployments share them (README)",
     )
     embedder_num_gpus: float | None = Field(
         None, ge=0, le=8, description="GPUs per replica (default: 1 where the cluster has GPUs, else 0)"
@@ -287,6 +289,11 @@ class ServiceConfig(BaseSettings):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @property
+    def embedder_torch_threads(self) -> int:
+        """Torch threads of a CPU embedder replica."""
+        return self.embedder_threads or max(1, int(self.embedder_num_cpus))
 
     @model_validator(mode="after")
     def _check_bounds(self) -> ServiceConfig:

@@ -49,7 +49,7 @@ class QueryEmbedder:
     def __init__(self, config: dict[str, Any]) -> None:
         self.cfg = ServiceConfig(**config)
         self.device = pick_device(self.cfg.device)
-        self.threads = self.cfg.embedder_threads or max(1, int(self.cfg.embedder_num_cpus))
+        self.threads = self.cfg.embedder_torch_threads
         self._models: OrderedDict[str, tuple[Embedder, Coalescer[str]]] = OrderedDict()
         self._load_lock = asyncio.Lock()
         self._embed_batch.set_max_batch_size(self.cfg.max_batch_size)

@@ -9,9 +9,9 @@ their environment: so they must be in the environment of whatever starts Ray (`r
 
 Measured on 2 CPU cores (`benchmarks/serve_latency.py` against `--ray-serve-defaults`, see the
 README): 5-6 ms less per request at one client; at 16 clients the same within the machine's noise.
-The local launchers (`jobs.demo`, the benchmark,
-the tests) set it when they start Ray; `ray_cluster.yaml` and the KubeRay manifests set it on every
-node. Direct ingress (HTTP straight into the ingress replica, on ports 30000+) stays off where no
+The local launchers (`jobs.demo`, the benchmark, the tests) set it when they start Ray;
+`ray_cluster.yaml` and the KubeRay RayService (cluster/rayservice-search.yaml) set it on every node.
+Direct ingress (HTTP straight into the ingress replica, on ports 30000+) stays off where no
 HAProxy sits in front: on KubeRay, Ray's HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`) takes port 8000 on
 every pod and forwards to the replicas; elsewhere Serve's own proxy on every node keeps port 8000.
 A value the user already exported wins.
