@@ -104,6 +104,15 @@ def test_config_bounds_fail_before_start():
     assert ServiceConfig(output_fields="text, partition").output_fields == ["text", "partition"]
 
 
+def test_embedder_torch_threads_default_to_its_cpus_and_a_bad_count_fails_before_start():
+    assert ServiceConfig().embedder_torch_threads == 1
+    assert ServiceConfig(embedder_num_cpus=2.5).embedder_torch_threads == 2
+    assert ServiceConfig(embedder_num_cpus=0.5).embedder_torch_threads == 1
+    assert ServiceConfig(embedder_num_cpus=1, embedder_threads=4).embedder_torch_threads == 4
+    with pytest.raises(ValidationError, match="embedder_threads"):
+        ServiceConfig(embedder_threads=0)
+
+
 def test_api_key_from_environment(monkeypatch):
     monkeypatch.setenv("REEMBED_API_KEY", "k1")
     assert ServiceConfig().api_key == "k1"
