@@ -41,7 +41,7 @@ from reembed.errors import ConfigError, InputDataError, ReembedError
 from reembed.ingest import EMBED_STATUSES, SUMMARY_COLUMNS
 from reembed.inputs import inspect_input
 from reembed.lite import LiteServer, is_lite_uri
-from reembed.quantize import Int8Calibration, clipping_report, fit_int8
+from reembed.quantize import RERANK_ENCODING, Int8Calibration, clipping_report, fit_int8
 from reembed.shards import Shard, auto_shard_bytes, plan_shards
 from reembed.state import STATE_FILE, ShardLog, run_key
 from reembed.store import DEFAULT_PARTITION, CollectionIdentity, MilvusStore
@@ -71,7 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch (default), or an int8 CPU backend: onnx (pip install 'reembed[onnx]'), openvino",
     )
     p.add_argument("--actors-per-gpu", type=int, help="embedding actors sharing each GPU (default 1)")
-    p.add_argument("--precision", choices=["int8", "float32"])
+    p.add_argument(
+        "--precision",
+        choices=["int8", "float32", "binary"],
+        help="int8 codes (default), float32, or binary sign bits with re-rank copies (needs a Milvus server)",
+    )
+    p.add_argument(
+        "--rerank",
+        action="store_true",
+        default=None,
+        help="keep float16 re-rank copies beside the codes: the service searches in two stages",
+    )
     p.add_argument("--int8-scheme", choices=["global", "per-dim"])
     p.add_argument("--calibration-sample", type=int, help="documents the int8 scale is fitted on")
     p.add_argument("--calibration-quantile", type=float, help="quantile of |x| that maps to 127")
@@ -187,6 +197,7 @@ def run(cfg: BackfillConfig) -> dict[str, Any]:
             calibration=None,
             partitioning=spec.partitioning(),
             hnsw={"M": cfg.hnsw_m, "efConstruction": cfg.hnsw_ef_construction},
+            rerank=RERANK_ENCODING if cfg.rerank else None,
         )
         exists = store.has_collection(cfg.collection)
         if exists:
@@ -289,7 +300,9 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     embed_statuses = (*EMBED_STATUSES, S_UNCHANGED) if cfg.full else EMBED_STATUSES
     if exists:  # a new collection holds nothing to compare with
         docs = pipeline.detect_changes(docs, uri, cfg.milvus_token, cfg.collection, cfg.full, compute)
-    vectors = pipeline.embed(docs, source, cfg.precision, wanted.calibration, compute, embed_statuses)
+    vectors = pipeline.embed(
+        docs, source, cfg.precision, wanted.calibration, compute, embed_statuses, rerank=bool(wanted.rerank)
+    )
     staging = bulk.staging_dir(cfg.bulk_dir, cfg.collection) if cfg.write_mode == "bulk" else None
     if staging:
         results = pipeline.stage_bulk(
@@ -380,6 +393,7 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "model_revision": source.revision,
         "precision": cfg.precision,
         "vector_type": wanted.vector_type,
+        "rerank": wanted.rerank,
         "milvus": store.capabilities.version,
         "partitions": dict(sorted(progress.per_partition.items())),
         "duplicate_ids": len(duplicates),

@@ -243,6 +243,7 @@ def embed(
     calibration_json: str | None,
     compute: ComputePlan,
     embed_statuses: tuple[str, ...] = EMBED_STATUSES,
+    rerank: bool = False,
 ) -> ray.data.Dataset:
     return docs.map_batches(
         DocumentEncoder,
@@ -256,6 +257,7 @@ def embed(
             "dtype": compute.dtype,
             "backend": compute.backend,
             "embed_statuses": embed_statuses,
+            "rerank": rerank,
         },
         batch_size=compute.rows_per_call,
         batch_format="numpy",

@@ -28,6 +28,8 @@ DEFAULT_RESCORE_MULTIPLIER = 10
 MILVUS_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
 Precision = Literal["int8", "float32"]
+# What a backfill stores: int8 or float32 vectors, or binary sign bits (always with re-rank copies).
+JobPrecision = Literal["int8", "float32", "binary"]
 Int8Scheme = Literal["global", "per-dim"]
 WriteMode = Literal["upsert", "bulk"]
 # A number of texts per forward pass, or "auto": probed once per actor and cached (reembed/batching.py).
@@ -86,7 +88,14 @@ class BackfillConfig(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Dtype = Field("auto", description="model dtype: auto is float16 on CUDA, float32 on the CPU")
     backend: Backend = Field("torch", description="torch, or a CPU int8 backend: onnx, openvino")
-    precision: Precision = "int8"
+    precision: JobPrecision = Field(
+        "int8", description="int8 codes, float32, or binary sign bits (needs BINARY_VECTOR; keeps re-rank copies)"
+    )
+    rerank: bool = Field(
+        False,
+        description="also keep float16 re-rank copies of the vectors: the service searches in two stages "
+        "(codes, then floats); implied by precision binary",
+    )
     int8_scheme: Int8Scheme = "global"
     calibration_sample: int = Field(1024, ge=16, le=1_000_000)
     calibration_quantile: float = Field(0.9999, gt=0.5, le=1.0)
@@ -177,6 +186,14 @@ class BackfillConfig(BaseSettings):
             raise ValueError(
                 f"partition_by={self.partition_by!r} and partitions={self.partitions} are exclusive: "
                 "choose one partitioning scheme"
+            )
+        if self.precision == "binary":
+            self.rerank = True  # sign bits alone lose too much to rank by (README: quality table)
+        if self.rerank and self.precision == "float32":
+            raise ValueError("rerank: float32 vectors are their own re-rank copies; expected int8 or binary precision")
+        if self.rerank and self.write_mode == "bulk":
+            raise ValueError(
+                "rerank: bulk import does not stage re-rank copies; use write_mode upsert for int8 + rerank or binary"
             )
         if self.write_mode == "bulk" and self.milvus_uri.endswith(".db") and "://" not in self.milvus_uri:
             raise ValueError(
@@ -278,6 +295,13 @@ class ServiceConfig(BaseSettings):
     max_query_chars: int = Field(2048, ge=1, le=1_000_000)
     max_batch_queries: int = Field(64, ge=1, le=10_000)
     output_fields: list[str] = Field(default_factory=lambda: ["text", "partition"])
+
+    rescore_multiplier: int = Field(
+        DEFAULT_RESCORE_MULTIPLIER,
+        ge=1,
+        le=1024,
+        description="two-stage collections (re-rank copies kept): the first stage fetches k x this by code",
+    )
 
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on /search")
     search_timeout_s: float = Field(5.0, gt=0, le=600)

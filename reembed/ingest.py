@@ -39,12 +39,14 @@ from reembed.documents import (
     truncate_utf8,
 )
 from reembed.embedder import Embedder, ModelSource
-from reembed.quantize import Int8Calibration
-from reembed.store import F_HASH, F_ID, F_PARTITION, F_TEXT, F_VECTOR, MilvusStore, vector_payload
+from reembed.quantize import Int8Calibration, binarize, encode_rerank_vectors
+from reembed.store import F_HASH, F_ID, F_PARTITION, F_RERANK, F_TEXT, F_VECTOR, MilvusStore, vector_payload
 
 logger = logging.getLogger(__name__)
 
 C_VECTOR = "vector"
+# Float16 re-rank copies (quantize.encode_rerank_vectors) where the collection keeps them.
+C_RERANK = "rerank_vector"
 # Rows the model embeds and the writer upserts; `--full` adds S_UNCHANGED.
 EMBED_STATUSES = (S_NEW, S_CHANGED, S_MOVED)
 # Columns of the writer's summary, one row per (shard, status, partition) per batch, one per
@@ -135,8 +137,9 @@ class ChangeDetector:
 
 
 class DocumentEncoder:
-    """Embeds the rows to (re-)embed; adds a `vector` column (int8 codes or float32), a
-    `clipped` column (int8 values clipped in the row) and the row's `tokens` / `padded_tokens`.
+    """Embeds the rows to (re-)embed; adds a `vector` column (int8 codes, packed sign bits or
+    float32), a `clipped` column (int8 values clipped in the row), the row's `tokens` /
+    `padded_tokens` and, with `rerank`, a `rerank_vector` column of float16 copies.
 
     With no calibration and precision int8, it returns floats: that is the calibration sample.
     Other rows (rejects, unchanged, end-of-shard markers) get a zero vector and never reach the model.
@@ -153,18 +156,25 @@ class DocumentEncoder:
         embed_statuses: tuple[str, ...] = EMBED_STATUSES,
         dtype: str = "auto",
         backend: str = "torch",
+        rerank: bool = False,
     ) -> None:
         self.embedder = Embedder(
             source, device=device, threads=threads, batch_size=batch_size, dtype=dtype, backend=backend
         )
         self.calibration = Int8Calibration.from_json(calibration_json) if calibration_json else None
         self.emit_codes = precision == "int8" and self.calibration is not None
+        self.binary = precision == "binary"
+        self.rerank = rerank
         self.embed_statuses = embed_statuses
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         todo = embed_mask(batch[C_STATUS], self.embed_statuses)
         n, d = len(todo), self.embedder.dimension
-        vectors = np.zeros((n, d), dtype=np.int8 if self.emit_codes else np.float32)
+        if self.binary:
+            vectors = np.zeros((n, (d + 7) // 8), dtype=np.uint8)
+        else:
+            vectors = np.zeros((n, d), dtype=np.int8 if self.emit_codes else np.float32)
+        copies = np.full(n, "", dtype=object)
         clipped = np.zeros(n, dtype=np.int32)
         tokens = np.zeros(n, dtype=np.int32)
         padded = np.zeros(n, dtype=np.int32)
@@ -175,10 +185,16 @@ class DocumentEncoder:
             if self.emit_codes:
                 vectors[todo] = self.calibration.quantize(floats)
                 clipped[todo] = self.calibration.clipped_per_row(floats)
+            elif self.binary:
+                vectors[todo] = binarize(floats)
             else:
                 vectors[todo] = floats
+            if self.rerank:
+                copies[todo] = encode_rerank_vectors(floats)
         out = dict(batch)
         out[C_VECTOR] = vectors
+        if self.rerank:
+            out[C_RERANK] = copies
         out[C_CLIPPED] = clipped
         out[C_TOKENS] = tokens
         out[C_PADDED] = padded
@@ -263,6 +279,9 @@ class BatchWriter:
                 }
                 for i, vec in zip(rows, vectors, strict=True)
             ]
+            if C_RERANK in batch:
+                for row, i in zip(payload, rows, strict=True):
+                    row[F_RERANK] = batch[C_RERANK][i]
             written += self.store.upsert(self.collection, partition, payload)
             if moved.get(partition):
                 # Upsert replaces a row only within its partition: drop the copies left elsewhere.

@@ -11,6 +11,11 @@ batch that arrives while the model runs waits, and when the model is free every 
 merged into one call, up to `max_items` texts. At one client nothing waits and nothing is merged; under
 load the model sees batches as large as the load allows, without a timer. Free of Ray, so it is
 unit-tested on its own.
+
+The search ingress uses the same thing for Milvus: concurrent requests with the same search
+parameters go to Milvus as one search with several query vectors. One search of 16 vectors costs
+about what two single searches cost (Milvus Lite in the ingress: 13 ms of CPU against 6 ms for one;
+a server pays its per-request work once), so under load searches stop being one RPC per request.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -26,28 +32,48 @@ RunFn = Callable[[list[T]], Sequence[Any]]
 
 
 class Coalescer(Generic[T]):
-    """Runs `run(items)` in a worker thread, one call at a time, merging calls that wait for it.
+    """Runs `run(items)` in a worker thread, `max_concurrent` calls at a time (default one), merging
+    calls that wait for it.
 
     `await coalescer(items)` returns `run`'s results for exactly those items, in order. A caller's
     items are never split across two calls; a single caller with more than `max_items` runs alone.
-    `on_call(n, seconds)` (optional) is told the size and duration of every model call."""
+    `executor` (optional) runs the calls, e.g. the one thread that may use a client; default: asyncio's.
+    `on_call(n, seconds)` (optional) is told the size and duration of every call."""
 
-    def __init__(self, run: RunFn[T], max_items: int, on_call: Callable[[int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        run: RunFn[T],
+        max_items: int,
+        on_call: Callable[[int, float], None] | None = None,
+        *,
+        max_concurrent: int = 1,
+        executor: Executor | None = None,
+    ) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self._run = run
         self.max_items = max_items
+        self.max_concurrent = max_concurrent
+        self._executor = executor
         self._on_call = on_call
         self._waiting: deque[tuple[list[T], asyncio.Future[list[Any]]]] = deque()
-        self._worker: asyncio.Task[None] | None = None
-        self.calls = 0  # model calls made
+        self._workers: set[asyncio.Task[None]] = set()
+        self.calls = 0  # calls made
         self.items = 0  # items they covered
+
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting."""
+        return not self._waiting and all(w.done() for w in self._workers)
 
     async def __call__(self, items: Sequence[T]) -> list[Any]:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._waiting.append((list(items), future))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.ensure_future(self._drain())
+        # A worker that found nothing more to take has returned (done) in the same loop step.
+        self._workers = {w for w in self._workers if not w.done()}
+        if len(self._workers) < self.max_concurrent:
+            self._workers.add(asyncio.ensure_future(self._drain()))
         return await future
 
     def _take(self) -> list[tuple[list[T], asyncio.Future[list[Any]]]]:
@@ -70,7 +96,7 @@ class Coalescer(Generic[T]):
             flat = [item for items, _ in taken for item in items]
             t0 = loop.time()
             try:
-                results = await asyncio.to_thread(self._run, flat)
+                results = await loop.run_in_executor(self._executor, self._run, flat)
                 if len(results) != len(flat):
                     raise RuntimeError(f"the model returned {len(results)} results for {len(flat)} inputs")
             except Exception as exc:  # every caller in this call gets the error; the next call goes on

@@ -8,7 +8,8 @@ BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class ServiceMetrics:
-    """Requests by route and status; embed/search/total latency histograms; cache hits, misses, ratio."""
+    """Requests by route and status; embed/search/total latency histograms; cache hits, misses, ratio;
+    query vectors per Milvus search."""
 
     def __init__(self) -> None:
         from ray.util import metrics
@@ -28,6 +29,11 @@ class ServiceMetrics:
         self._hits = metrics.Counter("reembed_cache_hits", description="query embeddings served from the cache")
         self._misses = metrics.Counter("reembed_cache_misses", description="query embeddings computed")
         self._ratio = metrics.Gauge("reembed_cache_hit_ratio", description="cache hits / lookups since start")
+        self._search_batch = metrics.Histogram(
+            "reembed_search_batch_size",
+            description="query vectors per Milvus search (concurrent requests merged)",
+            boundaries=BATCH_BOUNDARIES,
+        )
 
     def request(self, route: str, status: int) -> None:
         self._requests.inc(1, tags={"route": route, "status": str(status)})
@@ -43,6 +49,9 @@ class ServiceMetrics:
         if misses:
             self._misses.inc(misses)
         self._ratio.set(ratio)
+
+    def search_batch(self, queries: int) -> None:
+        self._search_batch.observe(queries)
 
 
 class EmbedderMetrics:

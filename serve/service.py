@@ -6,6 +6,11 @@ through `reembed.store.MilvusStore` on a thread pool (pymilvus is synchronous), 
 for an in-process Milvus Lite .db. The collection (or alias) is re-described every
 `identity_refresh_s`, so an alias switch to a collection with another model is followed without
 a restart, and a Milvus that went away is reconnected on the next request.
+
+Concurrent requests with the same search parameters reach Milvus as one search with several query
+vectors (`serve.coalesce.Coalescer`, one per parameter set): one RPC instead of one per request.
+A collection that keeps re-rank copies (binary or int8 codes + float16 copies) is searched in two
+stages (`reembed.search.search_reranked`), as `jobs.evaluate` measured it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -26,8 +32,9 @@ from reembed.config import ServiceConfig
 from reembed.errors import ModelMismatchError, ReembedError, StoreUnavailableError
 from reembed.filters import Clause, FilterError, compile_filter
 from reembed.lite import is_lite_uri
-from reembed.search import QueryCodec, model_key, search_collection
-from reembed.store import F_ID, F_VECTOR, MilvusStore
+from reembed.search import Hit, QueryCodec, model_key, search_collection, search_reranked
+from reembed.store import F_ID, F_RERANK, F_VECTOR, MilvusStore
+from serve.coalesce import Coalescer
 from serve.models import SearchHit, SearchRequest, SearchResponse, Timing
 
 logger = logging.getLogger(__name__)
@@ -35,6 +42,11 @@ logger = logging.getLogger(__name__)
 EmbedFn = Callable[[dict[str, Any], list[str]], Awaitable[list[np.ndarray]]]
 CheckFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MILVUS_SERVER_THREADS = 16
+# Merged searches in flight per parameter set: one for an in-process Milvus Lite (one thread uses
+# it), a few against a server, so that a slow search does not hold up the next merge.
+MILVUS_SERVER_SEARCHES = 4
+# Parameter sets (k, ef, filter, ...) whose search queues are kept; the least recently used go.
+SEARCH_QUEUES = 256
 # A target older than this many refresh intervals is re-read before a request uses it.
 IDLE_REFRESH_FACTOR = 5
 
@@ -66,6 +78,8 @@ class Target:
     model_key: str
     codec: QueryCodec
     vector_type: str
+    rerank: bool
+    identity_json: str  # the whole identity: what a search queue's calls were built for
     partitions: frozenset[str]
     scalar_fields: dict[str, str]
     resolved_at: float
@@ -77,6 +91,7 @@ class NoMetrics:
     def request(self, route: str, status: int) -> None: ...
     def latency(self, embed_ms: float, search_ms: float, total_ms: float) -> None: ...
     def cache(self, hits: int, misses: int, ratio: float) -> None: ...
+    def search_batch(self, queries: int) -> None: ...
 
 
 class SearchService:
@@ -87,9 +102,14 @@ class SearchService:
         self._check_model = check_model
         self.metrics = metrics or NoMetrics()
         self.cache = EmbeddingCache(cfg.cache_size)
+        lite = is_lite_uri(cfg.milvus_uri)
         self._executor = ThreadPoolExecutor(
-            max_workers=1 if is_lite_uri(cfg.milvus_uri) else MILVUS_SERVER_THREADS, thread_name_prefix="milvus"
+            max_workers=1 if lite else MILVUS_SERVER_THREADS, thread_name_prefix="milvus"
         )
+        self._searches_per_queue = 1 if lite else MILVUS_SERVER_SEARCHES
+        self._search_queues: OrderedDict[tuple[Any, ...], Coalescer[np.ndarray]] = OrderedDict()
+        self.search_calls = 0  # Milvus searches made
+        self.search_queries = 0  # query vectors they carried
         self._store: MilvusStore | None = None
         self._target: Target | None = None
         self._refresh_lock = asyncio.Lock()
@@ -98,17 +118,17 @@ class SearchService:
 
     # --- Milvus, off the event loop ------------------------------------------------------------
 
+    def _with_store(self, fn: Callable[[MilvusStore], Any]) -> Any:
+        """fn(store), connecting first if needed; runs on the Milvus thread pool."""
+        if self._store is None:
+            self._store = MilvusStore(self.uri, self.cfg.milvus_token, timeout=self.cfg.search_timeout_s, retries=0)
+        return fn(self._store)
+
     async def _milvus(self, fn: Callable[[MilvusStore], Any]) -> Any:
         """Run fn(store) on the Milvus thread pool; a failure to reach Milvus drops the connection
         so that the next call reconnects (the service recovers when Milvus is back)."""
-
-        def call() -> Any:
-            if self._store is None:
-                self._store = MilvusStore(self.uri, self.cfg.milvus_token, timeout=self.cfg.search_timeout_s, retries=0)
-            return fn(self._store)
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._with_store, fn)
         except StoreUnavailableError:
             self._drop_store()
             raise
@@ -138,8 +158,10 @@ class SearchService:
             model_key=model_key(info.identity.model),
             codec=QueryCodec(info.identity),
             vector_type=info.identity.vector_type,
+            rerank=bool(info.identity.rerank),
+            identity_json=info.identity.to_json(),
             partitions=frozenset(store.list_partitions(info.name)),
-            scalar_fields={k: v for k, v in info.scalar_fields.items() if k != F_VECTOR},
+            scalar_fields={k: v for k, v in info.scalar_fields.items() if k not in (F_VECTOR, F_RERANK)},
             resolved_at=time.monotonic(),
         )
 
@@ -220,6 +242,7 @@ class SearchService:
                 "capacity": s.capacity,
                 "hit_ratio": s.hit_ratio,
             },
+            "searches": {"milvus_calls": self.search_calls, "queries": self.search_queries},
             "collection": target.collection if target else None,
             "model": target.model_key if target else None,
         }
@@ -292,6 +315,69 @@ class SearchService:
         self.metrics.cache(len(texts) - len(missing), len(missing), s.hit_ratio)
         return np.stack([found[i] for i in range(len(texts))]).astype(np.float32), len(texts) - len(missing)
 
+    def _search_queue(
+        self, target: Target, k: int, ef: int, partitions: list[str] | None, expr: str, fields: list[str]
+    ) -> Coalescer[np.ndarray]:
+        """The queue that merges concurrent searches with these parameters into one Milvus search.
+
+        Its items are float query embeddings; a call turns them into the collection's codes, searches
+        (two stages where the collection keeps re-rank copies) and scores the hits as cosines."""
+        key = (target.collection, target.identity_json, k, ef, tuple(partitions or ()), expr, tuple(fields))
+        queue = self._search_queues.get(key)
+        if queue is not None:
+            self._search_queues.move_to_end(key)
+            return queue
+        codec, out_fields, multiplier = target.codec, tuple(fields), self.cfg.rescore_multiplier
+
+        def once(store: MilvusStore, floats: np.ndarray) -> list[list[Hit]]:
+            if target.rerank:
+                return search_reranked(
+                    store, target.collection, codec, floats, k, ef, multiplier, partitions, expr, out_fields
+                )
+            rows = search_collection(
+                store,
+                target.collection,
+                codec.to_search_vectors(floats),
+                target.vector_type,
+                k,
+                ef,
+                partitions,
+                expr,
+                out_fields,
+            )
+            return [[Hit(h.id, codec.score_to_cosine(h.score), h.fields) for h in row] for row in rows]
+
+        def search(store: MilvusStore, floats: np.ndarray) -> list[list[Hit]]:
+            try:
+                return once(store, floats)
+            except ReembedError as exc:
+                if "not loaded" not in str(exc):
+                    raise
+                store._loaded.discard(target.collection)  # e.g. after a Milvus restart: load again
+                store.load(target.collection)
+                return once(store, floats)
+
+        def run(queries: list[np.ndarray]) -> list[list[Hit]]:
+            floats = np.stack(queries).astype(np.float32, copy=False)
+            return self._with_store(lambda store: search(store, floats))
+
+        queue = Coalescer(
+            run,
+            self.cfg.max_batch_queries,
+            self._record_search,
+            max_concurrent=self._searches_per_queue,
+            executor=self._executor,
+        )
+        self._search_queues[key] = queue
+        while len(self._search_queues) > SEARCH_QUEUES:
+            self._search_queues.popitem(last=False)  # a queue still at work finishes what it holds
+        return queue
+
+    def _record_search(self, queries: int, seconds: float) -> None:
+        self.search_calls += 1
+        self.search_queries += queries
+        self.metrics.search_batch(queries)
+
     async def search(self, req: SearchRequest) -> SearchResponse:
         t0 = time.perf_counter()
         try:
@@ -301,36 +387,18 @@ class SearchService:
         texts, k, ef, expr, partitions, fields = self.validate(req, target)
         t_embed = time.perf_counter()
         floats, hits = await self._vectors(target, texts)
-        vectors = target.codec.to_search_vectors(floats)
         t_search = time.perf_counter()
-
-        def run(store: MilvusStore):
-            try:
-                return search_collection(
-                    store, target.collection, vectors, target.vector_type, k, ef, partitions, expr, tuple(fields)
-                )
-            except ReembedError as exc:
-                if "not loaded" not in str(exc):
-                    raise
-                store._loaded.discard(target.collection)  # e.g. after a Milvus restart: load again
-                store.load(target.collection)
-                return search_collection(
-                    store, target.collection, vectors, target.vector_type, k, ef, partitions, expr, tuple(fields)
-                )
-
         try:
-            rows = await self._milvus(run)
+            rows = await self._search_queue(target, k, ef, partitions, expr, fields)(list(floats))
         except StoreUnavailableError as exc:
+            self._drop_store()
             raise RequestError(503, "milvus_unavailable", str(exc)) from exc
         except ReembedError as exc:
             if exc.is_input_error:
                 raise RequestError(400, "invalid_request", str(exc)) from exc
             raise
         t_end = time.perf_counter()
-        results = [
-            [SearchHit(id=h.id, score=target.codec.score_to_cosine(h.score), fields=h.fields) for h in row]
-            for row in rows
-        ]
+        results = [[SearchHit(id=h.id, score=h.score, fields=h.fields) for h in row] for row in rows]
         timing = Timing(embed=(t_search - t_embed) * 1e3, search=(t_end - t_search) * 1e3, total=(t_end - t0) * 1e3)
         self.metrics.latency(timing.embed, timing.search, timing.total)
         return SearchResponse(

@@ -272,7 +272,8 @@ def test_milvus_down_gives_503_and_the_service_recovers(service):
 
 def test_concurrent_queries_share_model_calls_and_each_gets_its_own_answer(service, cranfield):
     """Queries that wait for the model are merged into its next call (serve/coalesce.py): 24 distinct
-    queries sent at once take fewer model calls than queries, and each answer is its query's own."""
+    queries sent at once take fewer model calls than queries, and fewer Milvus searches than requests,
+    and each answer is its query's own."""
     from ray import serve
 
     async def stats() -> dict:
@@ -288,6 +289,7 @@ def test_concurrent_queries_share_model_calls_and_each_gets_its_own_answer(servi
     texts = [q["text"] for q in read_jsonl(cranfield / "queries.jsonl")[100:124]]  # distinct rankings
     alone = {t: post(service, {"query": t, "k": 3}).json()["results"] for t in texts[:3]}
     calls0, queries0 = counts()
+    searches0 = requests.get(service["base"] + "/stats", timeout=10).json()["searches"]
     with ThreadPoolExecutor(len(texts)) as pool:
         replies = list(pool.map(lambda t: post(service, {"query": t + " ", "k": 3}), texts))
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:2]
@@ -296,6 +298,10 @@ def test_concurrent_queries_share_model_calls_and_each_gets_its_own_answer(servi
     calls1, queries1 = counts()
     assert queries1 - queries0 == 21  # the 21 queries the cache had not seen, each embedded once
     assert calls1 - calls0 < 21, f"{calls1 - calls0} model calls for 21 queries: nothing was merged"
+    # Their Milvus searches were merged too (serve/service.py): fewer searches than requests.
+    searches1 = requests.get(service["base"] + "/stats", timeout=10).json()["searches"]
+    assert searches1["queries"] - searches0["queries"] == len(texts)
+    assert searches1["milvus_calls"] - searches0["milvus_calls"] < len(texts), (searches0, searches1)
     # Each merged answer is its own query's: the same ranking as the in-process Searcher gives it.
     store = MilvusStore(service["lite"].uri)
     try:
@@ -316,6 +322,7 @@ def test_metrics_reach_prometheus(service, ray_local):
         "reembed_search_ms",
         "reembed_cache_hit_ratio",
         "reembed_embed_batch_size",
+        "reembed_search_batch_size",
     )
     deadline = time.monotonic() + 60
     while True:

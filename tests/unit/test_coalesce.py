@@ -114,3 +114,56 @@ def test_a_cancelled_caller_is_skipped_and_does_not_disturb_the_others():
 def test_max_items_must_be_positive():
     with pytest.raises(ValueError, match="max_items"):
         Coalescer(lambda items: items, max_items=0)
+
+
+def test_max_concurrent_runs_that_many_calls_at_once_and_merges_the_rest():
+    started = threading.Semaphore(0)
+    release = threading.Event()
+    calls: list[list[int]] = []
+    lock = threading.Lock()
+
+    def model(items: list[int]) -> list[int]:
+        with lock:
+            calls.append(list(items))
+        started.release()
+        release.wait(10)
+        return [x * 10 for x in items]
+
+    queue = Coalescer(model, max_items=32, max_concurrent=2)
+
+    async def main() -> list[list[int]]:
+        running = []
+        for x in (1, 2):  # the second runs while the first does: it does not wait for it
+            running.append(asyncio.ensure_future(queue([x])))
+            assert await asyncio.to_thread(started.acquire, True, 10)
+        waiting = [asyncio.ensure_future(queue([x])) for x in (3, 4, 5)]
+        await asyncio.sleep(0.05)
+        assert not queue.idle()
+        release.set()
+        return await asyncio.gather(*running, *waiting)
+
+    assert asyncio.run(main()) == [[10], [20], [30], [40], [50]]
+    assert calls[:2] == [[1], [2]]
+    # What waited behind two running calls went in at most two more calls, 3, 4, 5 in arrival order.
+    assert [x for c in calls[2:] for x in c] == [3, 4, 5] and len(calls) <= 4
+    assert queue.idle()
+
+
+def test_calls_run_on_the_executor_given():
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: list[str] = []
+
+    def model(items: list[str]) -> list[str]:
+        seen.append(threading.current_thread().name)
+        return items
+
+    with ThreadPoolExecutor(1, thread_name_prefix="only-client") as pool:
+        queue = Coalescer(model, max_items=8, executor=pool)
+        assert asyncio.run(queue(["a", "b"])) == ["a", "b"]
+    assert seen and seen[0].startswith("only-client")
+
+
+def test_bad_max_concurrent_is_refused():
+    with pytest.raises(ValueError, match="max_concurrent"):
+        Coalescer(lambda items: items, max_items=4, max_concurrent=0)

@@ -44,3 +44,13 @@ def test_bad_values_name_the_field(flags, field):
 def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="config file"):
         load_settings(BackfillConfig, {}, tmp_path / "nope.yaml")
+
+
+def test_rerank_copies_go_with_codes_only_and_binary_implies_them():
+    assert parse_config(["--input", "x.jsonl", "--precision", "binary"]).rerank is True
+    assert parse_config(["--input", "x.jsonl", "--rerank"]).rerank is True
+    assert parse_config(["--input", "x.jsonl"]).rerank is False
+    with pytest.raises(ConfigError, match="rerank: float32 vectors are their own re-rank copies"):
+        parse_config(["--input", "x.jsonl", "--precision", "float32", "--rerank"])
+    with pytest.raises(ConfigError, match="rerank: bulk import does not stage re-rank copies"):
+        parse_config(["--input", "x.jsonl", "--rerank", "--write-mode", "bulk", "--milvus-uri", "http://h:19530"])
