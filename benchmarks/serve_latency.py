@@ -23,15 +23,20 @@ Milvus). `targets` compares the two sides from this same run: the service's p50 
 the baseline at concurrency 1 (target <= 5 ms), its qps over the baseline's at concurrency 16
 (target > 1) and the errors of all phases (target 0).
 
-A Milvus Lite .db is opened by one process at a time, so the baseline runs in a subprocess that
-exits (and lets go of the .db) before the service starts, and the service's ingress replica opens
-it. With `--milvus-uri http://HOST:PORT` (e.g. `milvus-server`) both sides and the backfill share
-that server. The script starts a local Ray of its own and shuts Serve and Ray down at the end.
+Rounds (`--rounds`, default 3): this kind of machine drifts by 20 % and more within minutes, so one
+baseline-then-service pass compares two different machines. Each round runs the baseline, then
+starts Ray and the service, measures it on new texts and stops it again, back to back; the targets
+are the medians of the per-round comparisons (each round's values are in the JSON). The cached
+phase and the floor run in the last round. A Milvus Lite .db is opened by one process at a time, so
+the baseline runs in a subprocess that exits (and lets go of the .db) before the service starts,
+and the service's ingress replica opens it; nothing of the service runs while the baseline does.
+With `--milvus-uri http://HOST:PORT` (e.g. `milvus-server`) both sides and the backfill share that
+server. The script starts a local Ray of its own each round and shuts Serve and Ray down after it.
 
 Prints progress to stderr and one JSON object as the last line of stdout:
 
     python benchmarks/serve_latency.py --out benchmarks/out/serve.json
-    python benchmarks/serve_latency.py --concurrency 1,4 --requests 60        # quicker
+    python benchmarks/serve_latency.py --concurrency 1,4 --requests 60 --rounds 1      # quicker
     python benchmarks/serve_latency.py --milvus-uri http://127.0.0.1:19530 --skip-backfill
 """
 
@@ -98,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-sample", type=int, default=CALIBRATION_SAMPLE, help="the job's int8 sample")
     p.add_argument("--concurrency", default="1,4,16", help="client threads per level, comma-separated")
     p.add_argument("--requests", type=int, default=150, help="requests per level and side (default %(default)s)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="baseline-then-service passes, back to back; targets are their medians (default %(default)s)",
+    )
     p.add_argument(
         "--max-seconds", type=float, default=40.0, help="a level stops here even if requests remain (default 40)"
     )
@@ -249,14 +260,20 @@ def unique_texts(queries: list[str], start: int, n: int) -> list[str]:
     return out
 
 
-def plan_texts(queries: list[str], warmup: int, levels: list[int], per_level: int) -> dict[str, list[str]]:
-    """The texts each phase sends; both sides get the same ones, and none repeats across phases."""
-    plan = {"warmup": unique_texts(queries, 0, warmup)}
+def plan_texts(
+    queries: list[str], warmup: int, levels: list[int], per_level: int, rounds: int = 1
+) -> list[dict[str, list[str]]]:
+    """The texts each round's phases send; both sides get the same ones, and none repeats across
+    phases or rounds (the service's cache never sees a text twice). Every round has the same warm-up."""
+    plans = []
     start = warmup
-    for c in levels:
-        plan[str(c)] = unique_texts(queries, start, per_level)
-        start += per_level
-    return plan
+    for _ in range(rounds):
+        plan = {"warmup": unique_texts(queries, 0, warmup)}
+        for c in levels:
+            plan[str(c)] = unique_texts(queries, start, per_level)
+            start += per_level
+        plans.append(plan)
+    return plans
 
 
 # --- the baseline, in its own process ----------------------------------------------------------
@@ -548,8 +565,16 @@ def healthz_worker(base: str) -> Callable[[], Worker]:
 
 
 def measure_service(
-    args: argparse.Namespace, uri: str, work: Path, plan: dict[str, list[str]], levels: list[int], queries: list[str]
+    args: argparse.Namespace,
+    uri: str,
+    work: Path,
+    plan: dict[str, list[str]],
+    levels: list[int],
+    queries: list[str],
+    extras: bool = True,
 ) -> dict[str, Any]:
+    """Start Ray and the service, measure its levels on `plan`'s texts and, with `extras`, the cached
+    phase and the floor; stop Serve and Ray."""
     import ray
     import requests
     from ray import serve
@@ -621,6 +646,8 @@ def measure_service(
             level = run_level(search_worker, plan[str(c)], c, args.max_seconds)
             logger.info("service c=%d: %s qps, p50 %s ms, errors %d", c, level["qps"], level["p50_ms"], level["errors"])
             service_levels.append(level)
+        if not extras:
+            return {"ready_s": round(ready_s, 3), "top_ids": top_ids, "levels": service_levels}
 
         # The cached phase: a few queries, each sent once to fill the cache, then only those.
         hot = queries[: args.cache_set]
@@ -711,19 +738,47 @@ def _level(levels: list[dict[str, Any]], c: int) -> dict[str, Any] | None:
     return next((lv for lv in levels if lv["concurrency"] == c), None)
 
 
-def compute_targets(baseline: list[dict], service: list[dict], errors_total: int) -> dict[str, Any]:
-    b1, s1 = _level(baseline, 1), _level(service, 1)
-    overhead = s1["p50_ms"] - b1["p50_ms"] if b1 and s1 and None not in (b1["p50_ms"], s1["p50_ms"]) else None
-    b16, s16 = _level(baseline, 16), _level(service, 16)
-    ratio = s16["qps"] / b16["qps"] if b16 and s16 and b16["qps"] and s16["qps"] is not None else None
+def median_levels(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per concurrency, the median over rounds of every number a level reports (counts summed)."""
+    out = []
+    for first in rounds[0]:
+        c = first["concurrency"]
+        same = [lv for levels in rounds if (lv := _level(levels, c))]
+        merged: dict[str, Any] = {"concurrency": c, "rounds": len(same)}
+        for key, value in first.items():
+            if key == "concurrency" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            values = [lv[key] for lv in same if isinstance(lv.get(key), (int, float))]
+            if key in ("requests", "ok", "errors"):
+                merged[key] = sum(values)
+            elif values:
+                merged[key] = _r(statistics.median(values), 3)
+        out.append(merged)
+    return out
+
+
+def compute_targets(rounds: list[tuple[list[dict], list[dict]]], errors_total: int) -> dict[str, Any]:
+    """The targets from each round's baseline and service levels; the value is the median over rounds."""
+    overheads, ratios = [], []
+    for baseline, service in rounds:
+        b1, s1 = _level(baseline, 1), _level(service, 1)
+        if b1 and s1 and None not in (b1["p50_ms"], s1["p50_ms"]):
+            overheads.append(s1["p50_ms"] - b1["p50_ms"])
+        b16, s16 = _level(baseline, 16), _level(service, 16)
+        if b16 and s16 and b16["qps"] and s16["qps"] is not None:
+            ratios.append(s16["qps"] / b16["qps"])
+    overhead = statistics.median(overheads) if overheads else None
+    ratio = statistics.median(ratios) if ratios else None
     return {
         "service_p50_overhead_ms_at_1": {
             "value": _r(overhead),
+            "per_round": [_r(x) for x in overheads],
             "target": f"<= {TARGET_OVERHEAD_MS}",
             "met": None if overhead is None else overhead <= TARGET_OVERHEAD_MS,
         },
         "qps_at_16_service_over_baseline": {
             "value": _r(ratio, 3),
+            "per_round": [_r(x, 3) for x in ratios],
             "target": f"> {TARGET_QPS_RATIO}",
             "met": None if ratio is None else ratio > TARGET_QPS_RATIO,
         },
@@ -742,7 +797,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ]
     if not queries:
         raise SystemExit(f"--queries: expected JSONL with a `text` field, got no queries from {args.queries}")
-    plan = plan_texts(queries, args.warmup, levels, args.requests)
+    plans = plan_texts(queries, args.warmup, levels, args.requests, args.rounds)
     uri = args.milvus_uri or str(work / "milvus.db")
     if "://" not in uri:
         uri = str(Path(uri).expanduser().resolve())
@@ -755,27 +810,36 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if not args.skip_backfill:
         backfill = run_backfill(args, uri, work, env)
 
-    spec = {
-        "uri": uri,
-        "collection": args.collection,
-        "k": args.k,
-        "ef": args.ef,
-        "device": args.device,
-        "threads": args.baseline_threads,
-        "levels": levels,
-        "max_seconds": args.max_seconds,
-        "texts": plan,
-    }
-    baseline = run_baseline(spec, work, env, args.timeout)
-    service = measure_service(args, uri, work, plan, levels, queries)
+    rounds = []
+    for r, plan in enumerate(plans):
+        logger.info("round %d of %d", r + 1, len(plans))
+        spec = {
+            "uri": uri,
+            "collection": args.collection,
+            "k": args.k,
+            "ef": args.ef,
+            "device": args.device,
+            "threads": args.baseline_threads,
+            "levels": levels,
+            "max_seconds": args.max_seconds,
+            "texts": plan,
+        }
+        baseline = run_baseline(spec, work, env, args.timeout)
+        service = measure_service(args, uri, work, plan, levels, queries, extras=r == len(plans) - 1)
+        rounds.append({"baseline": baseline, "service": service["levels"]})
+    baseline = rounds[0]["baseline"]
 
-    agree = [baseline["top_ids"][t] == service["top_ids"][t] for t in plan["warmup"]]
-    errors_total = sum(lv["errors"] for lv in baseline["levels"] + service["levels"] + service["cache"]["levels"])
+    agree = [rounds[-1]["baseline"]["top_ids"][t] == service["top_ids"][t] for t in plans[-1]["warmup"]]
+    errors_total = sum(lv["errors"] for rd in rounds for lv in rd["baseline"]["levels"] + rd["service"]) + sum(
+        lv["errors"] for lv in service["cache"]["levels"]
+    )
     if service["floor"]:
         errors_total += service["floor"]["errors"]
     notes = [
         "one machine: the client threads, the service (Ray, proxy, ingress, embedder, Milvus Lite) and, "
         "in its turn, the baseline share its CPUs",
+        f"{len(rounds)} round(s) of baseline then service, back to back: levels are the medians over rounds "
+        "and targets the medians of the per-round comparisons (per_round)",
         f"the service's embedder runs {service['embedder_threads']} torch "
         f"thread(s); the baseline {baseline['torch_threads']}",
         "qps counts successful requests; latency percentiles are over successful requests, client side",
@@ -809,19 +873,22 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "torch_threads": baseline["torch_threads"],
             "ready_s": baseline["ready_s"],
             "wall_s": baseline["wall_s"],
-            "levels": baseline["levels"],
+            "levels": median_levels([rd["baseline"]["levels"] for rd in rounds]),
+            "rounds": [rd["baseline"]["levels"] for rd in rounds],
         },
         "service": {
             "config": service["config"],
             "serve_env": service["serve_env"],
             "ready_s": service["ready_s"],
             "what": "POST /search, every query new to the cache",
-            "levels": service["levels"],
+            "levels": median_levels([rd["service"] for rd in rounds]),
+            "rounds": [rd["service"] for rd in rounds],
         },
         "cache": {"what": "POST /search, a few repeated queries answered from the cache", **service["cache"]},
         "serve_floor": service["floor"],
         "top_ids_agree": {"warmup_queries": len(agree), "same": sum(agree)},
-        "targets": compute_targets(baseline["levels"], service["levels"], errors_total),
+        "rounds": len(rounds),
+        "targets": compute_targets([(rd["baseline"]["levels"], rd["service"]) for rd in rounds], errors_total),
         "run_s": round(time.perf_counter() - started, 1),
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -844,7 +911,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_worker:
         return baseline_worker(args.baseline_worker)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for name, value in (("--requests", args.requests), ("--warmup", args.warmup), ("--cache-set", args.cache_set)):
+    for name, value in (
+        ("--requests", args.requests),
+        ("--warmup", args.warmup),
+        ("--cache-set", args.cache_set),
+        ("--rounds", args.rounds),
+    ):
         if value < 1:
             raise SystemExit(f"{name}: expected at least 1, got {value}")
     if args.max_seconds <= 0:
