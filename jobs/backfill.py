@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from jobs.ray_init import init_ray
 from reembed import bulk
 from reembed.config import BackfillConfig, load_settings
 from reembed.documents import (
@@ -156,14 +157,7 @@ def _init_ray(dashboard: bool = False) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     local = {} if address else {"include_dashboard": dashboard}
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
-    except Exception as exc:  # seen here: a local GCS that now and then misses its start-up deadline
-        if address:
-            raise
-        logger.warning("starting a local Ray failed (%s); trying once more", exc)
-        ray.shutdown()
-        ray.init(logging_level=logging.WARNING, log_to_driver=True, **local)
+    init_ray(address, logging_level=logging.WARNING, log_to_driver=True, **local)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from jobs.ray_init import init_ray
 from reembed.config import DEFAULT_MILVUS_URI
 from serve.runtime import apply_serve_env
 
@@ -453,7 +454,7 @@ def _init_ray() -> bool:
         return False
     if not os.environ.get("RAY_ADDRESS"):
         apply_serve_env()  # a local Ray: its Serve runs in the throughput-optimised mode (serve/runtime.py)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+    init_ray(os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
     return True
 
 
