@@ -579,6 +579,7 @@ def measure_service(
     import requests
     from ray import serve
 
+    from jobs.ray_init import init_ray
     from reembed.config import ServiceConfig
     from serve.app import build_app
     from serve.runtime import apply_serve_env
@@ -611,8 +612,13 @@ def measure_service(
     started = time.perf_counter()
     # Replica logs (one access-log line a request) stay in files, not on this process's stderr:
     # forwarding them would spend the shared CPUs on the benchmark's own output.
-    ray.init(
-        num_cpus=cpus, include_dashboard=False, logging_level="WARNING", _temp_dir=str(work / "rt"), log_to_driver=False
+    init_ray(
+        None,
+        num_cpus=cpus,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _temp_dir=str(work / "rt"),
+        log_to_driver=False,
     )
     try:
         port = args.port or _free_port()

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -91,16 +90,12 @@ def ray_local():
     """One local Ray for the whole session; the job reuses it instead of starting its own."""
     import ray
 
+    from jobs.ray_init import init_ray
     from serve.runtime import apply_serve_env
 
     if not ray.is_initialized():
         apply_serve_env()  # the Serve mode the launchers ship with (serve/runtime.py)
-        try:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-        except Exception as exc:  # noqa: BLE001 - seen once on a loaded 2-core machine: raylet start timed out
-            warnings.warn(f"local Ray did not start ({exc}); trying once more", stacklevel=1)
-            ray.shutdown()
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        init_ray(None, num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
