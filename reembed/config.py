@@ -181,12 +181,7 @@ class BackfillConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _check_partitioning(self) -> BackfillConfig:
-        if self.partition_by and self.partitions != 1:
-            raise ValueError(
-                f"partition_by={self.partition_by!r} and partitions={self.partitions} are exclusive: "
-                "choose one partitioning scheme"
-            )
+    def _check_rerank(self) -> BackfillConfig:
         if self.precision == "binary":
             self.rerank = True  # sign bits alone lose too much to rank by (README: quality table)
         if self.rerank and self.precision == "float32":
@@ -194,6 +189,15 @@ class BackfillConfig(BaseSettings):
         if self.rerank and self.write_mode == "bulk":
             raise ValueError(
                 "rerank: bulk import does not stage re-rank copies; use write_mode upsert for int8 + rerank or binary"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_partitioning(self) -> BackfillConfig:
+        if self.partition_by and self.partitions != 1:
+            raise ValueError(
+                f"partition_by={self.partition_by!r} and partitions={self.partitions} are exclusive: "
+                "choose one partitioning scheme"
             )
         if self.write_mode == "bulk" and self.milvus_uri.endswith(".db") and "://" not in self.milvus_uri:
             raise ValueError(

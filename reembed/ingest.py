@@ -174,7 +174,7 @@ class DocumentEncoder:
             vectors = np.zeros((n, (d + 7) // 8), dtype=np.uint8)
         else:
             vectors = np.zeros((n, d), dtype=np.int8 if self.emit_codes else np.float32)
-        copies = np.full(n, "", dtype=object)
+        copies = np.full(n, "", dtype=object) if self.rerank else None
         clipped = np.zeros(n, dtype=np.int32)
         tokens = np.zeros(n, dtype=np.int32)
         padded = np.zeros(n, dtype=np.int32)
@@ -189,11 +189,11 @@ class DocumentEncoder:
                 vectors[todo] = binarize(floats)
             else:
                 vectors[todo] = floats
-            if self.rerank:
+            if copies is not None:
                 copies[todo] = encode_rerank_vectors(floats)
         out = dict(batch)
         out[C_VECTOR] = vectors
-        if self.rerank:
+        if copies is not None:
             out[C_RERANK] = copies
         out[C_CLIPPED] = clipped
         out[C_TOKENS] = tokens

@@ -233,6 +233,39 @@ def search_reranked(
     return rerank(query_floats, candidates, k, dimension)
 
 
+def search_queries(
+    store: MilvusStore,
+    collection: str,
+    codec: QueryCodec,
+    query_floats: np.ndarray,
+    k: int,
+    ef: int,
+    rescore_multiplier: int = DEFAULT_RESCORE_MULTIPLIER,
+    partitions: list[str] | None = None,
+    filter_expr: str = "",
+    output_fields: tuple[str, ...] = DEFAULT_OUTPUT_FIELDS,
+) -> list[list[Hit]]:
+    """Search unit float query embeddings (n, d) the way the collection keeps its vectors, scored as
+    cosines: in two stages where it keeps re-rank copies (`search_reranked`), else one search by its
+    codes (or floats). The search path of `Searcher` and of the search service."""
+    if codec.identity.rerank:
+        return search_reranked(
+            store, collection, codec, query_floats, k, ef, rescore_multiplier, partitions, filter_expr, output_fields
+        )
+    rows = search_collection(
+        store,
+        collection,
+        codec.to_search_vectors(query_floats),
+        codec.identity.vector_type,
+        k,
+        ef,
+        partitions,
+        filter_expr,
+        output_fields,
+    )
+    return [[Hit(h.id, codec.score_to_cosine(h.score), h.fields) for h in row] for row in rows]
+
+
 class Searcher:
     """A collection (or alias) with its query encoder: `search(queries)` -> hits and timings.
 
@@ -261,24 +294,17 @@ class Searcher:
         t0 = time.perf_counter()
         floats = self.encoder.embedder.encode_queries(queries)
         t1 = time.perf_counter()
-        if self.identity.rerank:
-            hits = search_reranked(
-                self.store,
-                self.collection,
-                self.encoder.codec,
-                floats,
-                k,
-                ef,
-                self.rescore_multiplier,
-                partitions,
-                filter_expr,
-            )
-        else:
-            vectors = self.encoder.codec.to_search_vectors(floats)
-            hits = search_collection(
-                self.store, self.collection, vectors, self.identity.vector_type, k, ef, partitions, filter_expr
-            )
-            hits = [[Hit(h.id, self.encoder.score_to_cosine(h.score), h.fields) for h in row] for row in hits]
+        hits = search_queries(
+            self.store,
+            self.collection,
+            self.encoder.codec,
+            floats,
+            k,
+            ef,
+            self.rescore_multiplier,
+            partitions,
+            filter_expr,
+        )
         t2 = time.perf_counter()
         timing = {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
         return hits, timing

@@ -32,7 +32,7 @@ from reembed.config import ServiceConfig
 from reembed.errors import ModelMismatchError, ReembedError, StoreUnavailableError
 from reembed.filters import Clause, FilterError, compile_filter
 from reembed.lite import is_lite_uri
-from reembed.search import Hit, QueryCodec, model_key, search_collection, search_reranked
+from reembed.search import Hit, QueryCodec, model_key, search_queries
 from reembed.store import F_ID, F_RERANK, F_VECTOR, MilvusStore
 from serve.coalesce import Coalescer
 from serve.models import SearchHit, SearchRequest, SearchResponse, Timing
@@ -76,9 +76,7 @@ class Target:
     collection: str
     model: dict[str, Any]
     model_key: str
-    codec: QueryCodec
-    vector_type: str
-    rerank: bool
+    codec: QueryCodec  # with the identity: vector type, int8 calibration, re-rank copies
     identity_json: str  # the whole identity: what a search queue's calls were built for
     partitions: frozenset[str]
     scalar_fields: dict[str, str]
@@ -157,8 +155,6 @@ class SearchService:
             model=info.identity.model,
             model_key=model_key(info.identity.model),
             codec=QueryCodec(info.identity),
-            vector_type=info.identity.vector_type,
-            rerank=bool(info.identity.rerank),
             identity_json=info.identity.to_json(),
             partitions=frozenset(store.list_partitions(info.name)),
             scalar_fields={k: v for k, v in info.scalar_fields.items() if k not in (F_VECTOR, F_RERANK)},
@@ -327,25 +323,12 @@ class SearchService:
         if queue is not None:
             self._search_queues.move_to_end(key)
             return queue
-        codec, out_fields, multiplier = target.codec, tuple(fields), self.cfg.rescore_multiplier
+        out_fields, multiplier = tuple(fields), self.cfg.rescore_multiplier
 
         def once(store: MilvusStore, floats: np.ndarray) -> list[list[Hit]]:
-            if target.rerank:
-                return search_reranked(
-                    store, target.collection, codec, floats, k, ef, multiplier, partitions, expr, out_fields
-                )
-            rows = search_collection(
-                store,
-                target.collection,
-                codec.to_search_vectors(floats),
-                target.vector_type,
-                k,
-                ef,
-                partitions,
-                expr,
-                out_fields,
+            return search_queries(
+                store, target.collection, target.codec, floats, k, ef, multiplier, partitions, expr, out_fields
             )
-            return [[Hit(h.id, codec.score_to_cosine(h.score), h.fields) for h in row] for row in rows]
 
         def search(store: MilvusStore, floats: np.ndarray) -> list[list[Hit]]:
             try:

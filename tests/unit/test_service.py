@@ -27,8 +27,6 @@ def make_target() -> Target:
         model=identity.model,
         model_key="m@aaaa/4",
         codec=QueryCodec(identity),
-        vector_type="FLOAT_VECTOR",
-        rerank=False,
         identity_json=identity.to_json(),
         partitions=frozenset({"_default", "p1"}),
         scalar_fields={"id": "string", "text": "string", "partition": "string"},
