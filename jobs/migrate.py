@@ -9,7 +9,9 @@ A validation gate (reembed/gate.py) then measures the new version against the ol
 queries; with --switch the alias moves in one `alter_alias` only if every check passed. On a new
 alias the first version gets the alias when its gate passes. The records of every version (model,
 dimension, precision, rows, build time, gate, state) live in Milvus (reembed/versions.py), so
---status and --rollback work from any machine.
+--status and --rollback work from any machine. A version may keep float16 re-rank copies beside its
+codes (`--rerank`, or `--precision binary` on a server with BINARY_VECTOR): the service and the gate
+then search it in two stages.
 
 stdout: one JSON document (the last line). stderr: progress and the gate, one line a check.
 Exit codes: 0 done, 1 a failure worth retrying (Milvus unreachable, ...), 2 bad input or flags
@@ -77,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", help="the alias the service queries; versions are <alias>_v<N>")
     p.add_argument("--input", help="corpus to build the next version from (as jobs.backfill reads it)")
     p.add_argument("--to-model", help="hub name or local folder of the next version's model")
-    p.add_argument("--precision", choices=["int8", "float32"])
+    p.add_argument("--precision", choices=["int8", "float32", "binary"], help="of the new version (default int8)")
+    p.add_argument(
+        "--rerank",
+        action="store_true",
+        default=None,
+        help="the new version keeps float16 re-rank copies: searched in two stages (binary always does)",
+    )
     p.add_argument("--milvus-uri", help="Milvus URI or a Milvus Lite .db path (default ./data/reembed.db)")
     p.add_argument("--milvus-token")
     p.add_argument("--registry", help="collection of version records (default reembed_versions)")
@@ -95,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--gate-seed", type=int)
     gate.add_argument("--gate-k", type=int, help="top k compared (default 10)")
     gate.add_argument("--gate-ef", type=int, help="HNSW ef of the gate's searches (default 64)")
+    gate.add_argument(
+        "--gate-rescore-multiplier", type=int, help="two-stage versions: candidates per result (default 10)"
+    )
     for flag, default in (
         ("--gate-min-ann-recall", "0.95"),
         ("--gate-max-ndcg-drop", "0.02"),
@@ -164,13 +175,14 @@ def golden_queries(cfg: MigrateConfig) -> GoldenQueries:
     return sampled_golden_queries(cfg.input, cfg.id_field, cfg.text_fields, cfg.gate_queries, cfg.gate_seed)
 
 
-def _resumable(versions: dict[int, VersionRecord], model: str, precision: str) -> int | None:
-    """The newest version, if it is an unfinished or failed build of the same model and precision:
-    building it again resumes the job there (it skips what is already written)."""
+def _resumable(versions: dict[int, VersionRecord], model: str, precision: str, rerank: bool) -> int | None:
+    """The newest version, if it is an unfinished or failed build of the same model, precision and
+    re-rank copies: building it again resumes the job there (it skips what is already written)."""
     if not versions:
         return None
     newest = versions[max(versions)]
-    if newest.state in (BUILDING, FAILED) and newest.model == model and newest.precision == precision:
+    same = (newest.model, newest.precision, newest.rerank) == (model, precision, rerank)
+    if newest.state in (BUILDING, FAILED) and same:
         return newest.version
     return None
 
@@ -209,7 +221,7 @@ def _prepare_build(cfg: MigrateConfig) -> tuple[str, GoldenQueries]:
     assert cfg.input is not None and cfg.to_model is not None
     inspect_input(cfg.input, cfg.id_field, cfg.text_fields, cfg.partition_by)
     source = resolve_model(cfg.to_model)
-    BackfillConfig(**cfg.backfill_settings("check", cfg.milvus_uri))  # the job's own validation
+    load_settings(BackfillConfig, cfg.backfill_settings("check", cfg.milvus_uri))  # the job's own validation
     return source.name, golden_queries(cfg)
 
 
@@ -219,26 +231,35 @@ def build(
     """Build the next version with the backfill job, gate it, and switch the alias if asked and passed."""
     from jobs.backfill import run as run_backfill
 
+    # Binary codes need a BINARY_VECTOR field: refused here, before a version record is written.
+    store.capabilities.vector_type_for(cfg.precision)
     alias_record, versions = registry.sync(cfg.alias)
     current = versions.get(alias_record.target) if alias_record.target is not None else None
-    number = _resumable(versions, model, cfg.precision)
+    number = _resumable(versions, model, cfg.precision, cfg.rerank)
     if number is None:
         number = registry.next_version(cfg.alias)
     collection = version_collection(cfg.alias, number)
     record = versions.get(number) or VersionRecord(
-        alias=cfg.alias, version=number, collection=collection, state=BUILDING, model=model, precision=cfg.precision
+        alias=cfg.alias,
+        version=number,
+        collection=collection,
+        state=BUILDING,
+        model=model,
+        precision=cfg.precision,
+        rerank=cfg.rerank,
     )
     resumed = record.started_at is not None
     record.state, record.started_at, record.finished_at = BUILDING, record.started_at or now_iso(), None
     record.error, record.gate = None, None
     registry.put_version(record)
     logger.info(
-        "%s version %d (%s) with %s, %s; %s keeps serving",
+        "%s version %d (%s) with %s, %s%s; %s keeps serving",
         "resuming" if resumed else "building",
         number,
         collection,
         model,
         cfg.precision,
+        " + re-rank copies" if cfg.rerank else "",
         current.collection if current else "nothing",
     )
 
@@ -268,6 +289,7 @@ def build(
         thresholds_of(cfg),
         k=cfg.gate_k,
         ef=cfg.gate_ef,
+        rescore_multiplier=cfg.gate_rescore_multiplier,
         device=pick_device(cfg.device),
         expected_rows=expected_rows,
         exact_max_rows=cfg.gate_exact_max_rows,
@@ -298,6 +320,7 @@ def build(
         "model": record.model_identity.get("name", model),
         "dimension": record.model_identity.get("dimension"),
         "precision": cfg.precision,
+        "rerank": cfg.rerank,
         "rows": record.rows,
         "build_seconds": record.build_seconds,
         "resumed": resumed,

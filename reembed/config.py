@@ -27,8 +27,8 @@ DEFAULT_RESCORE_MULTIPLIER = 10
 # Milvus's own rule for collection and partition names.
 MILVUS_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
-Precision = Literal["int8", "float32"]
-# What a backfill stores: int8 or float32 vectors, or binary sign bits (always with re-rank copies).
+# What a backfill (or a migration's new version) stores: int8 or float32 vectors, or binary sign
+# bits (always with re-rank copies).
 JobPrecision = Literal["int8", "float32", "binary"]
 Int8Scheme = Literal["global", "per-dim"]
 WriteMode = Literal["upsert", "bulk"]
@@ -182,10 +182,7 @@ class BackfillConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _check_rerank(self) -> BackfillConfig:
-        if self.precision == "binary":
-            self.rerank = True  # sign bits alone lose too much to rank by (README: quality table)
-        if self.rerank and self.precision == "float32":
-            raise ValueError("rerank: float32 vectors are their own re-rank copies; expected int8 or binary precision")
+        self.rerank = rerank_rule(self.precision, self.rerank)
         if self.rerank and self.write_mode == "bulk":
             raise ValueError(
                 "rerank: bulk import does not stage re-rank copies; use write_mode upsert for int8 + rerank or binary"
@@ -230,6 +227,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: expected a mapping at top level, got {type(data).__name__}")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def rerank_rule(precision: str, rerank: bool) -> bool:
+    """Whether a collection of `precision` keeps re-rank copies: binary always does (sign bits alone
+    lose too much to rank by, README: quality table); float32 cannot (its vectors are the floats)."""
+    if precision == "binary":
+        return True
+    if rerank and precision == "float32":
+        raise ValueError("rerank: float32 vectors are their own re-rank copies; expected int8 or binary precision")
+    return rerank
 
 
 def load_settings(cls: type[T], flags: dict[str, Any], config_file: str | Path | None = None) -> T:
@@ -425,7 +432,8 @@ MigrateAction = Literal["build", "status", "rollback", "switch_to", "drop", "kee
 ALIAS_MAX_CHARS = 240
 # MigrateConfig's settings that the backfill job building a version takes as they are.
 _BACKFILL_SETTINGS = (
-    *("input", "id_field", "text_fields", "partition_by", "partitions", "device", "precision", "int8_scheme"),
+    *("input", "id_field", "text_fields", "partition_by", "partitions", "device", "precision", "rerank"),
+    "int8_scheme",
     *("calibration_sample", "calibration_quantile", "milvus_token", "hnsw_m", "hnsw_ef_construction", "actors"),
     *("threads_per_actor", "batch_size", "dtype", "backend", "actors_per_gpu", "writers", "max_text_bytes"),
     "output_dir",
@@ -444,7 +452,12 @@ class MigrateConfig(BaseSettings):
     alias: str = Field(..., description="the alias the service queries; versions are <alias>_v<N>")
     input: str | None = Field(None, description="the corpus to build the next version from")
     to_model: str | None = Field(None, description="hub name or local path of the next version's model")
-    precision: Precision = "int8"
+    precision: JobPrecision = Field(
+        "int8", description="of the new version: int8, float32, or binary sign bits (needs BINARY_VECTOR)"
+    )
+    rerank: bool = Field(
+        False, description="the new version keeps float16 re-rank copies (two-stage search); implied by binary"
+    )
     milvus_uri: str = DEFAULT_MILVUS_URI
     milvus_token: str | None = None
     registry: str = Field("reembed_versions", description="collection holding the version records")
@@ -463,6 +476,12 @@ class MigrateConfig(BaseSettings):
     gate_seed: int = 0
     gate_k: int = Field(10, ge=1, le=1000)
     gate_ef: int = Field(64, ge=1, le=32_768, description="HNSW ef of the gate's searches (the service's default)")
+    gate_rescore_multiplier: int = Field(
+        DEFAULT_RESCORE_MULTIPLIER,
+        ge=1,
+        le=1024,
+        description="two-stage versions: candidates per result, as the service's rescore_multiplier",
+    )
     gate_min_ann_recall: float | None = Field(0.95, ge=0, le=1)
     gate_max_ndcg_drop: float | None = Field(0.02, ge=0, le=1)
     gate_min_ndcg: float | None = Field(None, ge=0, le=1)
@@ -542,6 +561,7 @@ class MigrateConfig(BaseSettings):
         if chosen and (self.input is not None or self.to_model is not None or self.switch or self.keep is not None):
             raise ValueError(f"{chosen[0]} takes no input, to_model, switch or keep")
         check_backend(self.backend, self.device, self.dtype)
+        self.rerank = rerank_rule(self.precision, self.rerank)
         if self.qrels and not self.queries:
             raise ValueError("qrels: judgements need their queries too (queries=BEIR queries.jsonl)")
         for name in ("queries", "qrels"):

@@ -6,7 +6,9 @@ document as the one relevant answer) it measures each version the way the servic
 (the collection's own model, its int8 codes, one query per request, through reembed/search.py):
 
 - `ann_recall@k`: the new collection's HNSW top k against exact search over its own stored
-  vectors (streamed from Milvus, in the same code space);
+  vectors (streamed from Milvus, in the same code space); for a collection that keeps re-rank
+  copies, its two-stage top k (codes, then floats) against exact search over those copies, so the
+  check covers the candidates the first stage loses as well as the graph's misses;
 - `ndcg@k` of both versions, when there are judgements (given, or the sampled source documents);
 - `overlap@k`: share of the old top k the new one also returns. Two models legitimately differ,
   so this is reported, and checked only when a threshold is set;
@@ -32,12 +34,14 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from reembed.config import DEFAULT_RESCORE_MULTIPLIER
 from reembed.errors import ConfigError, ModelMismatchError
 from reembed.evaluation import SearchMode, percentile_ms, search_one_by_one, top_k_overlap
 from reembed.inputs import list_input_files
 from reembed.metrics import evaluate
+from reembed.quantize import decode_rerank_vectors
 from reembed.search import QueryCodec, load_query_model
-from reembed.store import F_VECTOR, CollectionIdentity, MilvusStore
+from reembed.store import F_RERANK, F_VECTOR, CollectionIdentity, MilvusStore
 
 logger = logging.getLogger(__name__)
 
@@ -184,18 +188,28 @@ def _as_matrix(vectors: list[Any]) -> np.ndarray:
 
 
 def exact_top_k(
-    store: MilvusStore, collection: str, query_vectors: np.ndarray, k: int, batches: Iterable[list[dict]] | None = None
+    store: MilvusStore,
+    collection: str,
+    query_vectors: np.ndarray,
+    k: int,
+    batches: Iterable[list[dict]] | None = None,
+    rerank_dimension: int | None = None,
 ) -> list[list[str]]:
     """Exact top-k ids by inner product over every stored vector, streamed in batches.
 
     `query_vectors` (nq, d) are in the collection's search space (unit floats, or int8 codes: their
-    inner products are exact integers in float32 for d up to 1024). Ties keep the first-read row."""
+    inner products are exact integers in float32 for d up to 1024). With `rerank_dimension` the
+    stored re-rank copies (float16) are compared with unit float queries instead of the codes.
+    Ties keep the first-read row."""
     queries = np.asarray(query_vectors, dtype=np.float32)
+    field = F_RERANK if rerank_dimension else F_VECTOR
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_ids = np.empty((len(queries), 0), dtype=object)
-    for rows in batches if batches is not None else store.iter_rows(collection, [F_VECTOR], EXACT_BATCH_ROWS):
+    for rows in batches if batches is not None else store.iter_rows(collection, [field], EXACT_BATCH_ROWS):
         ids = np.asarray([str(r["id"]) for r in rows], dtype=object)
-        scores = queries @ _as_matrix([r[F_VECTOR] for r in rows]).T
+        stored = [r[field] for r in rows]
+        docs = decode_rerank_vectors(stored, rerank_dimension) if rerank_dimension else _as_matrix(stored)
+        scores = queries @ docs.astype(np.float32).T
         all_scores = np.concatenate([best_scores, scores], axis=1)
         all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
@@ -212,7 +226,8 @@ class VersionMeasure:
     run: dict[str, list[str]]
     search_ms: list[float]
     embed_ms_per_query: float
-    search_vectors: np.ndarray
+    search_vectors: np.ndarray  # the queries in the space exact search compares them in
+    rerank_dimension: int | None  # two-stage: exact search is over the re-rank copies
 
     def report(self, golden: GoldenQueries, k: int) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -220,6 +235,7 @@ class VersionMeasure:
             "model": self.model.get("name"),
             "dimension": self.model.get("dimension"),
             "rows": self.rows,
+            "two_stage": self.rerank_dimension is not None,
             "search_ms_p50": percentile_ms(self.search_ms, 50),
             "search_ms_p95": percentile_ms(self.search_ms, 95),
             "embed_ms_per_query": round(self.embed_ms_per_query, 3),
@@ -230,10 +246,16 @@ class VersionMeasure:
 
 
 def measure_version(
-    store: MilvusStore, collection: str, golden: GoldenQueries, k: int, ef: int, device: str = "cpu"
+    store: MilvusStore,
+    collection: str,
+    golden: GoldenQueries,
+    k: int,
+    ef: int,
+    device: str = "cpu",
+    rescore_multiplier: int = DEFAULT_RESCORE_MULTIPLIER,
 ) -> VersionMeasure:
     """Embed the golden queries with the collection's own model (weights checked) and search them one
-    by one as the service does."""
+    by one as the service does: in two stages where the collection keeps re-rank copies."""
     identity: CollectionIdentity | None = store.read_identity(collection)
     if identity is None:
         raise ModelMismatchError(f"collection {collection!r} has no reembed identity: was it made by the job?")
@@ -243,7 +265,8 @@ def measure_version(
     embed_ms = (time.perf_counter() - t0) * 1e3 / len(golden.texts)
     codec = QueryCodec(identity)
     store.load(collection)
-    mode = SearchMode(collection, collection, codec, ef)
+    two_stage = bool(identity.rerank)
+    mode = SearchMode(collection, collection, codec, ef, rescore_multiplier if two_stage else None)
     run, latencies = search_one_by_one(store, mode, floats, golden.ids, k)
     return VersionMeasure(
         collection=collection,
@@ -252,7 +275,8 @@ def measure_version(
         run=run,
         search_ms=latencies,
         embed_ms_per_query=embed_ms,
-        search_vectors=codec.to_search_vectors(floats),
+        search_vectors=floats if two_stage else codec.to_search_vectors(floats),
+        rerank_dimension=int(identity.model["dimension"]) if two_stage else None,
     )
 
 
@@ -276,6 +300,7 @@ def run_gate(
     device: str = "cpu",
     expected_rows: int | None = None,
     exact_max_rows: int = 1_000_000,
+    rescore_multiplier: int = DEFAULT_RESCORE_MULTIPLIER,
 ) -> dict[str, Any]:
     """Measure the new version (and the old one), check every threshold; returns the report.
 
@@ -283,16 +308,21 @@ def run_gate(
     with its value and threshold. Checks that cannot be measured (no old version, a collection
     over `exact_max_rows` for exact search) are reported with passed None and do not fail."""
     started = time.monotonic()
-    new = measure_version(store, new_collection, golden, k, ef, device)
-    old = measure_version(store, old_collection, golden, k, ef, device) if old_collection else None
+    new = measure_version(store, new_collection, golden, k, ef, device, rescore_multiplier)
+    old = measure_version(store, old_collection, golden, k, ef, device, rescore_multiplier) if old_collection else None
     new_report = new.report(golden, k)
     old_report = old.report(golden, k) if old else None
 
     checks = []
     if new.rows <= exact_max_rows:
-        exact = exact_top_k(store, new_collection, new.search_vectors, k)
+        exact = exact_top_k(store, new_collection, new.search_vectors, k, rerank_dimension=new.rerank_dimension)
         recall = round(top_k_overlap(new.run, dict(zip(golden.ids, exact, strict=True)), k), 4)
-        checks.append(_check(f"ann_recall@{k}", recall, ">=", thresholds.min_ann_recall, f"HNSW ef={ef} vs exact"))
+        how = (
+            f"two stages (k x {rescore_multiplier} by code, ef={ef}) vs exact over the re-rank copies"
+            if new.rerank_dimension
+            else f"HNSW ef={ef} vs exact"
+        )
+        checks.append(_check(f"ann_recall@{k}", recall, ">=", thresholds.min_ann_recall, how))
     else:
         note = f"not measured: over {exact_max_rows} rows"
         checks.append(_check(f"ann_recall@{k}", None, ">=", thresholds.min_ann_recall, note))
@@ -343,6 +373,7 @@ def run_gate(
         "queries": {"count": len(golden.ids), "source": golden.source, "judged": bool(golden.qrels)},
         "k": k,
         "ef": ef,
+        "rescore_multiplier": rescore_multiplier,
         "thresholds": thresholds.to_dict(),
         "seconds": round(time.monotonic() - started, 3),
     }

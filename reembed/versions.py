@@ -69,6 +69,7 @@ class VersionRecord:
     model: str  # what --to-model named (hub name or path)
     precision: str
     model_identity: dict[str, Any] = field(default_factory=dict)  # the collection's, once built
+    rerank: bool = False  # keeps float16 re-rank copies: searched in two stages
     rows: int | None = None
     build_seconds: float | None = None
     started_at: str | None = None
@@ -105,6 +106,7 @@ class VersionRecord:
             "weights_sha256": ident.get("weights_sha256"),
             "dimension": ident.get("dimension"),
             "precision": self.precision,
+            "rerank": self.rerank,
             "rows": self.rows,
             "build_seconds": self.build_seconds,
             "started_at": self.started_at,
@@ -251,6 +253,7 @@ class VersionRegistry:
                 state=SERVING,
                 model=identity.model.get("name", "?"),
                 precision=identity.precision,
+                rerank=bool(identity.rerank),
                 model_identity=identity.model,
                 rows=self.store.count(target),
                 switched_at=now_iso(),

@@ -12,6 +12,7 @@ import pytest
 
 from jobs.migrate import EXIT_GATE_FAILED, main
 from reembed.lite import LiteServer
+from reembed.search import Searcher
 from reembed.store import MilvusStore
 from tests.conftest import read_jsonl, write_jsonl
 
@@ -126,3 +127,42 @@ def test_rollback_then_retention(setup, capsys):
     code, out = migrate(setup, "--switch-to", "2", capsys=capsys)
     assert code == 2 and "dropped" in out["error"]
     assert alias_target(setup) == "docs_v1"
+
+
+def test_binary_codes_are_refused_on_milvus_lite_before_a_version_is_recorded(setup, capsys):
+    code, out = migrate(setup, *build_args(setup, "all-MiniLM-L6-v2", "--precision", "binary"), capsys=capsys)
+    assert code == 2 and "BINARY_VECTOR" in out["error"]
+    code, status = migrate(setup, "--status", capsys=capsys)
+    assert [v["version"] for v in status["versions"]] == [1, 2]  # nothing recorded for the refused build
+
+
+def test_a_two_stage_version_is_gated_the_way_the_service_searches_it(setup, capsys):
+    args = build_args(setup, "all-MiniLM-L6-v2", "--switch")
+    args[args.index("float32")] = "int8"
+    code, out = migrate(setup, *args, "--rerank", capsys=capsys)
+    assert code == 0, out
+    assert out["version"] == 3 and out["precision"] == "int8" and out["rerank"] and out["switched"]
+    gate = out["gate"]
+    assert gate["new"]["two_stage"] and not gate["old"]["two_stage"] and gate["rescore_multiplier"] == 10
+    recall = {c["name"]: c for c in gate["checks"]}["ann_recall@10"]
+    assert recall["passed"] and "exact over the re-rank copies" in recall["note"]
+    # The same model as version 1 (float32): int8 codes re-ranked by float16 copies keep its top 10.
+    assert gate["overlap"] >= 0.9
+    code, status = migrate(setup, "--status", capsys=capsys)
+    v3 = status["versions"][-1]
+    assert status["target"] == "docs_v3" and (v3["precision"], v3["rerank"], v3["state"]) == ("int8", True, "serving")
+    # Through the alias the service's search path answers in two stages, scored as cosines: the same
+    # scores as version 1's float32 vectors, to float16's precision.
+    with LiteServer(str(setup["db"])) as uri:
+        store = MilvusStore(uri)
+        try:
+            via_alias, old = Searcher(store, "docs", device="cpu"), Searcher(store, "docs_v1", device="cpu")
+            assert via_alias.identity.rerank and not old.identity.rerank
+            queries = read_jsonl(setup["root"] / "queries.jsonl")[:5]
+            new_hits, _ = via_alias.search([q["text"] for q in queries], k=3)
+            old_hits, _ = old.search([q["text"] for q in queries], k=3)
+            for new_row, old_row in zip(new_hits, old_hits, strict=True):
+                assert new_row[0].id == old_row[0].id
+                assert abs(new_row[0].score - old_row[0].score) < 5e-3
+        finally:
+            store.close()

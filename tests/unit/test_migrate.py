@@ -21,6 +21,8 @@ from reembed.gate import (
     given_golden_queries,
     sampled_golden_queries,
 )
+from reembed.quantize import decode_rerank_vectors, encode_rerank_vectors
+from reembed.store import F_RERANK
 from reembed.versions import AliasRecord, VersionRecord, parse_version, version_collection
 from serve.service import IDLE_REFRESH_FACTOR, SearchService
 from tests.conftest import write_jsonl
@@ -87,15 +89,34 @@ def test_records_round_trip_and_version_names():
 
 
 def test_only_the_newest_unfinished_build_of_the_same_model_is_resumed():
-    def v(n, state, model="m", precision="int8"):
-        return VersionRecord(alias="a", version=n, collection=f"a_v{n}", state=state, model=model, precision=precision)
+    def v(n, state, model="m", precision="int8", rerank=False):
+        return VersionRecord(
+            alias="a", version=n, collection=f"a_v{n}", state=state, model=model, precision=precision, rerank=rerank
+        )
 
-    assert _resumable({}, "m", "int8") is None
-    assert _resumable({1: v(1, "serving"), 2: v(2, "failed")}, "m", "int8") == 2
-    assert _resumable({1: v(1, "serving"), 2: v(2, "building")}, "m", "int8") == 2
-    assert _resumable({1: v(1, "serving"), 2: v(2, "failed")}, "other", "int8") is None
-    assert _resumable({1: v(1, "serving"), 2: v(2, "failed")}, "m", "float32") is None
-    assert _resumable({1: v(1, "failed"), 2: v(2, "serving")}, "m", "int8") is None
+    assert _resumable({}, "m", "int8", False) is None
+    assert _resumable({1: v(1, "serving"), 2: v(2, "failed")}, "m", "int8", False) == 2
+    assert _resumable({1: v(1, "serving"), 2: v(2, "building")}, "m", "int8", False) == 2
+    assert _resumable({1: v(1, "serving"), 2: v(2, "failed")}, "other", "int8", False) is None
+    assert _resumable({1: v(1, "serving"), 2: v(2, "failed")}, "m", "float32", False) is None
+    assert _resumable({1: v(1, "failed"), 2: v(2, "serving")}, "m", "int8", False) is None
+    # A build with re-rank copies is another collection layout: never resumed into one without.
+    assert _resumable({1: v(1, "serving"), 2: v(2, "failed")}, "m", "int8", True) is None
+    assert _resumable({1: v(1, "serving"), 2: v(2, "failed", rerank=True)}, "m", "int8", True) == 2
+
+
+def test_rerank_settings_of_a_migration(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"_id": "1", "text": "a"}])
+    base = ["--alias", "docs", "--input", str(corpus), "--to-model", "m"]
+    cfg = parse_config([*base, "--rerank"])
+    assert cfg.rerank and cfg.backfill_settings("c", "u")["rerank"] is True
+    binary = parse_config([*base, "--precision", "binary"])
+    assert binary.rerank and binary.backfill_settings("c", "u")["precision"] == "binary"  # binary implies copies
+    assert not parse_config(base).rerank
+    with pytest.raises(ConfigError, match="rerank: float32 vectors are their own re-rank copies"):
+        parse_config([*base, "--precision", "float32", "--rerank"])
+    with pytest.raises(ConfigError, match="gate_rescore_multiplier"):
+        parse_config([*base, "--gate-rescore-multiplier", "0"])
 
 
 def test_first_sentence_and_sampled_queries(tmp_path):
@@ -139,6 +160,12 @@ def test_exact_top_k_streams_batches_like_one_search():
     assert exact_top_k(
         None, "c", codes, 1, batches=[[{"id": "a", "vector": [1.0, 1.0]}, {"id": "b", "vector": [0.0, 1.0]}]]
     ) == [["b"], ["a"]]
+    # Two-stage collections: exact search over the float16 re-rank copies, not the codes.
+    copies = encode_rerank_vectors(docs / np.linalg.norm(docs, axis=1, keepdims=True))
+    rerank_batches = [[{"id": ids[i], F_RERANK: copies[i]} for i in range(57)]]
+    got = exact_top_k(None, "c", queries, 7, batches=rerank_batches, rerank_dimension=8)
+    unit = decode_rerank_vectors(copies, 8)
+    assert got == [[ids[i] for i in row] for row in np.argsort(-(queries @ unit.T), axis=1, kind="stable")[:, :7]]
 
 
 def test_checks_name_value_and_threshold():
