@@ -59,16 +59,25 @@ def alias_target(setup) -> str | None:
 
 
 def test_a_new_alias_gets_its_first_version(setup, capsys):
-    code, out = migrate(setup, *build_args(setup, "all-MiniLM-L6-v2"), capsys=capsys)
+    # Version 1 is two-stage (int8 codes + float16 re-rank copies); the later ones are float32.
+    args = build_args(setup, "all-MiniLM-L6-v2")
+    args[args.index("float32")] = "int8"
+    code, out = migrate(setup, *args, "--rerank", capsys=capsys)
     assert code == 0, out
     assert (
         out["version"] == 1 and out["collection"] == "docs_v1" and out["switched"] and out["alias_target"] == "docs_v1"
     )
     assert out["model"] == MINILM and out["dimension"] == 384 and out["rows"] == N_DOCS
+    assert out["precision"] == "int8" and out["rerank"]
     gate = out["gate"]
     assert gate["passed"] and gate["queries"] == {"count": 40, "source": "sampled", "judged": True}
+    # Gated the way the service searches it: codes, then the copies; recall against exact search
+    # over the copies.
+    assert gate["new"]["two_stage"] and gate["rescore_multiplier"] == 10
     checks = {c["name"]: c for c in gate["checks"]}
-    assert checks["ann_recall@10"]["value"] >= 0.95 and checks["rows_vs_input"]["passed"]
+    recall = checks["ann_recall@10"]
+    assert recall["value"] >= 0.95 and "exact over the re-rank copies" in recall["note"]
+    assert checks["rows_vs_input"]["passed"]
     assert gate["new"]["ndcg@10"] > 0.5  # a title finds its own document
     assert alias_target(setup) == "docs_v1"
 
@@ -80,6 +89,7 @@ def test_a_failed_gate_leaves_the_alias_where_it_was(setup, capsys):
     assert out["version"] == 2 and not out["passed"] and not out["switched"]
     assert out["alias_target"] == "docs_v1" and alias_target(setup) == "docs_v1"
     assert out["dimension"] == 32 and out["rows"] == N_DOCS
+    assert out["gate"]["old"]["two_stage"] and not out["gate"]["new"]["two_stage"]
     # The report names the failing check, its value and its threshold: a random model ranks far worse.
     (failed,) = out["gate"]["failed_checks"]
     assert failed.startswith("ndcg@10 = ") and "wanted >= " in failed
@@ -106,6 +116,7 @@ def test_a_rerun_resumes_the_version_and_switches(setup, capsys):
     v1, v2 = status["versions"]
     assert (v1["state"], v1["model"], v1["dimension"], v1["rows"]) == ("retired", MINILM, 384, N_DOCS)
     assert (v2["state"], v2["dimension"], v2["rows"], v2["precision"]) == ("serving", 32, N_DOCS, "float32")
+    assert (v1["precision"], v1["rerank"], v2["rerank"]) == ("int8", True, False)
     assert v2["model"] == str(Path(setup["tiny"]).resolve()) and v2["gate"]["passed"]
     assert v1["build_seconds"] > 0 and v2["build_seconds"] > 0 and v2["started_at"] <= v2["finished_at"]
     # Neither the alias target nor the rollback target can be dropped.
@@ -127,6 +138,22 @@ def test_rollback_then_retention(setup, capsys):
     code, out = migrate(setup, "--switch-to", "2", capsys=capsys)
     assert code == 2 and "dropped" in out["error"]
     assert alias_target(setup) == "docs_v1"
+    # Back on the two-stage version: through the alias, the service's search path answers in two
+    # stages, scored as cosines (those of the float embeddings, to float16's precision).
+    with LiteServer(str(setup["db"])) as uri:
+        store = MilvusStore(uri)
+        try:
+            searcher = Searcher(store, "docs", device="cpu")
+            assert searcher.identity.rerank
+            queries = [q["text"] for q in read_jsonl(setup["root"] / "queries.jsonl")[:5]]
+            hits, _ = searcher.search(queries, k=3)
+            embed = searcher.encoder.embedder.encode_queries
+            for query, row in zip(queries, hits, strict=True):
+                assert len(row) == 3 and row[0].score >= row[1].score >= row[2].score
+                cosine = float(embed([query])[0] @ embed([row[0].fields["text"]])[0])
+                assert abs(row[0].score - cosine) < 5e-3
+        finally:
+            store.close()
 
 
 def test_binary_codes_are_refused_on_milvus_lite_before_a_version_is_recorded(setup, capsys):
@@ -134,35 +161,3 @@ def test_binary_codes_are_refused_on_milvus_lite_before_a_version_is_recorded(se
     assert code == 2 and "BINARY_VECTOR" in out["error"]
     code, status = migrate(setup, "--status", capsys=capsys)
     assert [v["version"] for v in status["versions"]] == [1, 2]  # nothing recorded for the refused build
-
-
-def test_a_two_stage_version_is_gated_the_way_the_service_searches_it(setup, capsys):
-    args = build_args(setup, "all-MiniLM-L6-v2", "--switch")
-    args[args.index("float32")] = "int8"
-    code, out = migrate(setup, *args, "--rerank", capsys=capsys)
-    assert code == 0, out
-    assert out["version"] == 3 and out["precision"] == "int8" and out["rerank"] and out["switched"]
-    gate = out["gate"]
-    assert gate["new"]["two_stage"] and not gate["old"]["two_stage"] and gate["rescore_multiplier"] == 10
-    recall = {c["name"]: c for c in gate["checks"]}["ann_recall@10"]
-    assert recall["passed"] and "exact over the re-rank copies" in recall["note"]
-    # The same model as version 1 (float32): int8 codes re-ranked by float16 copies keep its top 10.
-    assert gate["overlap"] >= 0.9
-    code, status = migrate(setup, "--status", capsys=capsys)
-    v3 = status["versions"][-1]
-    assert status["target"] == "docs_v3" and (v3["precision"], v3["rerank"], v3["state"]) == ("int8", True, "serving")
-    # Through the alias the service's search path answers in two stages, scored as cosines: the same
-    # scores as version 1's float32 vectors, to float16's precision.
-    with LiteServer(str(setup["db"])) as uri:
-        store = MilvusStore(uri)
-        try:
-            via_alias, old = Searcher(store, "docs", device="cpu"), Searcher(store, "docs_v1", device="cpu")
-            assert via_alias.identity.rerank and not old.identity.rerank
-            queries = read_jsonl(setup["root"] / "queries.jsonl")[:5]
-            new_hits, _ = via_alias.search([q["text"] for q in queries], k=3)
-            old_hits, _ = old.search([q["text"] for q in queries], k=3)
-            for new_row, old_row in zip(new_hits, old_hits, strict=True):
-                assert new_row[0].id == old_row[0].id
-                assert abs(new_row[0].score - old_row[0].score) < 5e-3
-        finally:
-            store.close()
