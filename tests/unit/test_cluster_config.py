@@ -60,8 +60,9 @@ def test_ray_cluster_yaml_has_head_cpu_and_gpu_workers_that_install_the_project(
 
 
 def test_every_node_starts_ray_with_the_serve_env():
-    """Serve reads SERVE_ENV when Ray starts on a node: each `ray start` must export all of it."""
-    from serve.runtime import SERVE_ENV
+    """Serve reads its mode when Ray starts on a node: each `ray start` must export all of it, with
+    HAProxy (the binary the cluster's ray[serve] bundles) in front of the ingress replicas."""
+    from serve.runtime import HAPROXY_ENV, THROUGHPUT_ENV
 
     config = load_yaml("ray_cluster.yaml")
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -73,7 +74,7 @@ def test_every_node_starts_ray_with_the_serve_env():
             if part.strip().startswith("export ")
             for word in shlex.split(part)[1:]
         )
-        assert exported == SERVE_ENV, (key, start)
+        assert exported == {**THROUGHPUT_ENV, **HAPROXY_ENV}, (key, start)
 
 
 # --- KubeRay -----------------------------------------------------------------------------------
