@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ray-serve-defaults",
         action="store_true",
-        help="start Ray without serve/runtime.py's SERVE_ENV (Serve's default mode), for comparison",
+        help="start Ray without serve/runtime.py's settings (Serve's default mode and proxy), for comparison",
     )
     p.add_argument("--ingress-num-cpus", type=float, default=0.5)
     p.add_argument("--max-batch-size", type=int, default=None, help="embedder @serve.batch size (service default)")

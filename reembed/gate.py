@@ -209,7 +209,7 @@ def exact_top_k(
         ids = np.asarray([str(r["id"]) for r in rows], dtype=object)
         stored = [r[field] for r in rows]
         docs = decode_rerank_vectors(stored, rerank_dimension) if rerank_dimension else _as_matrix(stored)
-        scores = queries @ docs.astype(np.float32).T
+        scores = queries @ docs.T  # both decoders give float32
         all_scores = np.concatenate([best_scores, scores], axis=1)
         all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]

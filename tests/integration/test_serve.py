@@ -277,7 +277,8 @@ def test_concurrent_queries_share_model_calls_and_each_gets_its_own_answer(servi
     from ray import serve
 
     async def stats() -> dict:
-        # In an event loop: with SERVE_ENV a handle's router runs on the caller's loop.
+        # In an event loop: in the throughput-optimised mode (serve/runtime.py) a handle's router runs
+        # on the caller's loop.
         return await serve.get_deployment_handle("QueryEmbedder", app_name="main").stats.remote()
 
     loop = asyncio.new_event_loop()  # one loop for the handle's whole life (left open for Serve's shutdown)
