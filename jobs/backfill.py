@@ -270,7 +270,8 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     sample_clipped = 0  # values the sample itself clipped: its documents are written again below
     if cfg.precision == "int8" and not wanted.calibration:
         t = time.monotonic()
-        sample = pipeline.sample_embeddings(docs, cfg.calibration_sample, source, compute)
+        rows = pipeline.read_sample(todo, plan.filesystem, spec, cfg.calibration_sample, duplicates)
+        sample = pipeline.sample_embeddings(rows, source, compute)
         calibration = fit_int8(sample, cfg.int8_scheme, cfg.calibration_quantile)
         wanted = replace(wanted, calibration=calibration.to_json())
         calibration_info = {

@@ -296,19 +296,46 @@ def write(
     )
 
 
-def sample_embeddings(docs: ray.data.Dataset, size: int, source: ModelSource, compute: ComputePlan) -> np.ndarray:
-    """Float embeddings of the first `size` good documents: the int8 calibration sample."""
-    sample = new_documents(docs).limit(size)
+def read_sample(
+    shards: list[Shard], fs: pafs.FileSystem, spec: DocumentSpec, size: int, duplicates: dict[str, int] | None = None
+) -> pa.Table | None:
+    """The first `size` good documents of the shards, read in the driver: the int8 calibration sample.
+
+    The driver reads only as far as the sample goes (shards stream batch by batch); a Ray Data
+    pass for the same rows cost 3-4 s of scheduling on a small run. Repeated ids are left out as
+    the job rejects them, so the sample holds exactly what the actors will embed.
+    """
+    parts: list[pa.Table] = []
+    n = 0
+    for shard in shards:
+        for table in read_shard(fs, shard, spec, duplicates):
+            good = _new_rows(table)
+            if good.num_rows:
+                parts.append(good.slice(0, size - n))
+                n += parts[-1].num_rows
+            if n >= size:
+                return pa.concat_tables(parts)
+    return pa.concat_tables(parts) if parts else None
+
+
+def _numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def sample_embeddings(sample: pa.Table | None, source: ModelSource, compute: ComputePlan) -> np.ndarray:
+    """Float embeddings of the calibration sample (`read_sample`)."""
+    if sample is None or not sample.num_rows:
+        return np.empty((0, 0), dtype=np.float32)
     if compute.device == "cpu":
         # On CPUs the driver embeds the sample itself, as fast as one actor would: starting an actor
         # pool for a thousand documents (processes, torch import, model load) costs more than that.
         encoder = DocumentEncoder(source, "float32", None, device="cpu", batch_size=compute.batch_size, threads=None)
-        batches = sample.iter_batches(batch_size=compute.rows_per_call, batch_format="numpy")
-        parts = [encoder(b)[C_VECTOR] for b in batches]
+        step = compute.rows_per_call
+        parts = [encoder(_numpy_batch(sample.slice(i, step)))[C_VECTOR] for i in range(0, sample.num_rows, step)]
     else:
-        floats = embed(sample, source, "float32", None, compute)
+        floats = embed(ray.data.from_arrow(sample), source, "float32", None, compute)
         parts = [b[C_VECTOR] for b in floats.select_columns([C_VECTOR]).iter_batches(batch_format="numpy")]
-    return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+    return np.concatenate(parts)
 
 
 def iter_summaries(results: ray.data.Dataset) -> Iterator[dict[str, np.ndarray]]:

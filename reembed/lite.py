@@ -57,6 +57,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _in_process_servers() -> dict:
+    """Milvus Lite databases this process opened itself (a MilvusClient on a .db path), by path."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return {}
+    return getattr(server_manager_instance, "_servers", {})
+
+
+def held_in_process(db_path: str | Path) -> bool:
+    """Whether this process holds the .db: pymilvus keeps an in-process Lite open until exit,
+    even after every client on it is closed."""
+    return str(Path(db_path).expanduser().resolve()) in _in_process_servers()
+
+
+def release_in_process(db_path: str | Path) -> None:
+    """Close this process's own Milvus Lite on the .db (its clients must be closed first)."""
+    if held_in_process(db_path):
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(str(Path(db_path).expanduser().resolve()))
+
+
 class LiteServer:
     """Context manager: `with LiteServer("./data/x.db") as uri:` gives http://127.0.0.1:PORT."""
 
@@ -79,7 +102,15 @@ class LiteServer:
             raise ConfigError("milvus_uri: a .db URI needs the milvus-lite package (pip install milvus-lite)")
         self.log_path = self.db_path.parent / f"{self.db_path.name}.server.log"
         self.uri = f"http://127.0.0.1:{port}"
+        if held_in_process(self.db_path):
+            # Waiting would not help: the lock is this process's own until it exits.
+            raise StoreUnavailableError(
+                f"milvus_uri: {self.db_path} is open in this process (a MilvusClient on the .db path keeps it "
+                "until the process exits, even once closed); close its clients and call "
+                "reembed.lite.release_in_process(path), or run the job in its own process"
+            )
         deadline = time.monotonic() + self.start_timeout
+        locked = ""
         while True:
             self._spawn(exe, port)
             failure = self._wait_until_listening(port, deadline)
@@ -90,8 +121,11 @@ class LiteServer:
             # its lock for as long as its last flush and index builds take: wait for it.
             if "DataDirLockedError" in failure and time.monotonic() < deadline:
                 logger.info("%s is still held by a closing Milvus Lite server; waiting", self.db_path)
+                locked = failure
                 time.sleep(1.0)
                 continue
+            if locked and failure.startswith("did not start"):
+                failure += f"; the last try said: {locked}"
             self.__exit__(None, None, None)
             raise StoreUnavailableError(f"milvus-lite server for {self.db_path}: {failure} (log: {self.log_path})")
 

@@ -11,6 +11,7 @@ import pytest
 
 from jobs.backfill import parse_config, run
 from reembed.errors import ConfigError, ModelMismatchError, StoreUnavailableError
+from reembed.lite import LiteServer
 from reembed.search import Searcher
 from reembed.store import F_ID, MilvusStore
 from tests.conftest import REPO, cranfield_docs, read_jsonl, write_jsonl
@@ -40,13 +41,15 @@ def backfill(tmp_path: Path, input_path: Path, collection: str = "docs", db: str
     return run(parse_config(backfill_argv(tmp_path, input_path, collection, db, **flags)))
 
 
-def all_ids(uri: str, collection: str) -> list[str]:
-    store = MilvusStore(uri)
-    try:
-        rows = store.query(collection, f'{F_ID} != ""', [F_ID], limit=16384)
-        return [r[F_ID] for r in rows]
-    finally:
-        store.close()
+def all_ids(db: str, collection: str) -> list[str]:
+    # Through a server of its own: Milvus Lite opened in this process would keep the .db locked.
+    with LiteServer(db) as uri:
+        store = MilvusStore(uri)
+        try:
+            rows = store.query(collection, f'{F_ID} != ""', [F_ID], limit=16384)
+            return [r[F_ID] for r in rows]
+        finally:
+            store.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +81,19 @@ def test_cranfield_backfill_finds_relevant_documents(cranfield_backfill, cranfie
         qid, did, score = line.split("\t")
         if int(score) > 0:
             qrels.setdefault(qid, set()).add(did)
-    store = MilvusStore(str(tmp / "m.db"))
-    try:
-        searcher = Searcher(store, "cranfield", device="cpu")
-        judged = [q for q in queries if q in qrels]
-        hits, timing = searcher.search([queries[q] for q in judged], k=10, ef=128)
-        found = sum(bool({h.id for h in row} & qrels[q]) for q, row in zip(judged, hits, strict=True))
-        assert timing["embed"] > 0 and timing["search"] > 0
-        # all-MiniLM-L6-v2 finds a judged document in the top 10 for most Cranfield queries.
-        assert found / len(judged) >= 0.7, f"only {found}/{len(judged)} queries found a relevant document"
-        assert 0.0 < hits[0][0].score <= 1.05  # int8 code scores are mapped back to cosine
-    finally:
-        store.close()
+    with LiteServer(str(tmp / "m.db")) as uri:  # in this process, Lite would hold the .db until exit
+        store = MilvusStore(uri)
+        try:
+            searcher = Searcher(store, "cranfield", device="cpu")
+            judged = [q for q in queries if q in qrels]
+            hits, timing = searcher.search([queries[q] for q in judged], k=10, ef=128)
+            found = sum(bool({h.id for h in row} & qrels[q]) for q, row in zip(judged, hits, strict=True))
+            assert timing["embed"] > 0 and timing["search"] > 0
+            # all-MiniLM-L6-v2 finds a judged document in the top 10 for most Cranfield queries.
+            assert found / len(judged) >= 0.7, f"only {found}/{len(judged)} queries found a relevant document"
+            assert 0.0 < hits[0][0].score <= 1.05  # int8 code scores are mapped back to cosine
+        finally:
+            store.close()
 
 
 def test_rerun_is_idempotent_and_cli_prints_summary(tmp_path, cranfield, ray_local):
@@ -205,15 +209,16 @@ def test_partition_by_field_uses_valid_names(tmp_path, cranfield, ray_local):
         store.close()
 
 
-def test_other_model_on_same_collection_is_refused(tmp_path, cranfield, ray_local, tiny_model):
-    src = write_jsonl(tmp_path / "a.jsonl", cranfield_docs(cranfield, 8))
-    backfill(tmp_path, src)
+def test_other_model_on_same_collection_is_refused(cranfield_backfill, cranfield, tiny_model):
+    tmp, first = cranfield_backfill  # the MiniLM int8 collection; refused runs change nothing in it
+    src = write_jsonl(tmp / "other" / "a.jsonl", cranfield_docs(cranfield, 8))
     with pytest.raises(ModelMismatchError) as err:
-        backfill(tmp_path, src, model=str(tiny_model))
+        backfill(tmp, src, collection="cranfield", model=str(tiny_model))
     assert "model.dimension: collection has 384, this run has 32" in str(err.value)
     with pytest.raises(ModelMismatchError) as err:
-        backfill(tmp_path, src, precision="float32")
+        backfill(tmp, src, collection="cranfield", precision="float32")
     assert "precision" in str(err.value)
+    assert len(all_ids(str(tmp / "m.db"), "cranfield")) == first["written"]
 
 
 def test_bad_config_fails_before_any_work(tmp_path, cranfield):

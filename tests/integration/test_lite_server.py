@@ -39,3 +39,24 @@ def test_a_server_started_with_sigint_ignored_still_closes_on_sigint_and_keeps_i
         client.load_collection("docs")
         assert len(client.query("docs", filter="id >= 0", output_fields=["id"], limit=100)) == 10
         client.close()
+
+
+def test_a_db_this_process_opened_itself_is_refused_at_once_until_released(tmp_path):
+    """pymilvus keeps an in-process Lite open until exit, even once its client is closed: the job
+    cannot start a server on that .db, and says why at once instead of waiting out its start timeout."""
+    import time
+
+    from reembed.errors import StoreUnavailableError
+    from reembed.lite import held_in_process, release_in_process
+
+    db = tmp_path / "mine.db"
+    MilvusClient(str(db)).close()
+    assert held_in_process(db)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match="is open in this process"), LiteServer(str(db)):
+        pass
+    assert time.monotonic() - started < 5
+    release_in_process(db)
+    assert not held_in_process(db)
+    with LiteServer(str(db)) as uri:
+        assert MilvusClient(uri).list_collections() == []

@@ -51,3 +51,28 @@ def test_milvus_lite_is_refused_on_a_multi_node_cluster():
     refuse_lite_on_cluster("http://milvus:19530", 4)
     with pytest.raises(ConfigError, match="milvus_uri: .* 3 nodes"):
         refuse_lite_on_cluster("./data/reembed.db", 3)
+
+
+def test_the_calibration_sample_is_the_first_good_documents_read_in_the_driver(tmp_path):
+    """Across shards, without rejects or repeated ids, and no further than the sample needs."""
+    import json
+
+    from jobs.pipeline import read_sample
+    from reembed.documents import C_ID, DocumentSpec
+    from reembed.inputs import inspect_input
+    from reembed.shards import plan_shards
+
+    rows = [{"_id": f"d{i}", "text": f"text {i}"} for i in range(40)]
+    rows[1] = {"_id": "d1", "text": ""}  # rejected: no text
+    rows[3] = {"_id": "d2", "text": "again"}  # d2 twice: both copies are rejected
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    plan = inspect_input(str(src), "_id", ["title", "text"], None)
+    shards, _ = plan_shards(plan, 128)
+    assert len(shards) > 3  # the sample spans several shards
+    spec = DocumentSpec()
+    sample = read_sample(shards, plan.filesystem, spec, 10, {"d2": 2})
+    assert sample.column(C_ID).to_pylist() == ["d0", *(f"d{i}" for i in range(4, 13))]
+    everything = read_sample(shards, plan.filesystem, spec, 1000, {"d2": 2})
+    assert everything.num_rows == 37
+    assert read_sample([], plan.filesystem, spec, 10) is None
