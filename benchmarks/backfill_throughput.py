@@ -12,20 +12,23 @@ is timed on N1 and on N2 > N1 documents (the first N1 and N2 good documents of t
 
 Everything that does not grow with the documents (interpreter and imports, Ray start, Milvus Lite
 start, model loads, the int8 calibration pass, shutdown) cancels in t2 - t1 and lands in start-up.
-The job's t is the wall time of its process; the baseline's t is the wall time from its process
-launch to the end of model load + a short warm-up, plus the encode time of N documents (both
-encodes run warm in one process after one model load). Whole-run docs/s is N2 / t2 on each side.
+The job's t is the wall time of its process less the time it took to start its local Ray, which
+the job reports (`ray_start_seconds`): a retried Ray start on a loaded machine took 31 s here, and
+in one run's t it would skew the difference; the median Ray start is added back to the job's
+start-up and whole-run figures. The baseline's t is the wall time from its process launch to the
+end of model load + a short warm-up, plus the encode time of N documents (both encodes run warm
+in one process after one model load). Whole-run docs/s is N2 / t2 on each side.
 
-The differential holds only while time grows linearly with N. The job hands each embedding actor
-batch_size x ROWS_PER_ACTOR_CALL_FACTOR rows a call, so by default N1 gives one full call to one
-actor per core and N2 two (past the end of the input, documents repeat under new ids). The result
+The differential holds only while time grows linearly with N. The job hands each CPU embedding
+actor `ComputePlan.rows_per_call` rows a call, so the default N2 is the whole input but at least two
+full calls per core, and N1 half of it (past the end of the input, documents repeat under new ids). The result
 says `trustworthy: false` and gives `meets_target: null`, with its reasons under `doubts`, when the
 sizes are too small for that, a start-up comes out negative, or other processes took more than
 10% of the CPUs during a run (`foreign_cpu_fraction`, from /proc/stat less our own children).
 
 Prints progress to stderr and one JSON object as the last line of stdout:
 
-    python benchmarks/backfill_throughput.py                  # 1024 and 2048 documents on 2 cores
+    python benchmarks/backfill_throughput.py                  # the whole input: 699 and 1,398 Cranfield documents
     python benchmarks/backfill_throughput.py --docs 600       # quicker, but flagged as untrustworthy
     python benchmarks/backfill_throughput.py --repeats 3 --out benchmarks/out/backfill.json
 """
@@ -514,14 +517,15 @@ def side_summary(n1: int, n2: int, times1: list[float], times2: list[float]) -> 
     }
 
 
-def _rows_per_actor_call(batch_size: int) -> int | None:
-    """Rows the job hands an embedding actor per call, if jobs.pipeline still says so."""
+def _rows_per_actor_call(batch_size: int | str) -> int | None:
+    """Rows the job hands a CPU embedding actor per call (jobs.pipeline.ComputePlan.rows_per_call)."""
     try:
-        from jobs import pipeline
+        from jobs.pipeline import AUTO_ROWS_PER_CALL, ROWS_PER_CALL_FACTOR
     except ImportError:
         return None
-    factor = getattr(pipeline, "ROWS_PER_ACTOR_CALL_FACTOR", None)
-    return batch_size * factor if factor else None
+    if batch_size == "auto":
+        return AUTO_ROWS_PER_CALL["cpu"]
+    return int(batch_size) * ROWS_PER_CALL_FACTOR["cpu"]
 
 
 def _command_line() -> str:
@@ -595,10 +599,13 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         raise SystemExit(f"the job rejects these settings: {exc}") from None
     cpus = os.cpu_count() or 1
     rows_per_call = _rows_per_actor_call(cfg.batch_size)
-    # Default sizes: the small run gives every core's worth of actors one full call, the large run
-    # two, so both runs keep all actors busy and the difference is throughput, not how rows split.
-    docs = args.docs or (2 * cpus * rows_per_call if rows_per_call else None)
-    lines, texts, available = select_documents(Path(args.input), args.id_field, text_fields, docs)
+    # Default sizes: the whole input, and at least enough that the small run gives every core's
+    # worth of actors one full call and the large run two, so both runs keep all actors busy and the
+    # difference is throughput, not how rows split.
+    lines, texts, available = select_documents(Path(args.input), args.id_field, text_fields, args.docs)
+    minimum = 2 * cpus * rows_per_call if rows_per_call else 0
+    if not args.docs and len(lines) < minimum:
+        lines, texts, available = select_documents(Path(args.input), args.id_field, text_fields, minimum)
     n2 = len(lines)
     n1 = args.small_docs if args.small_docs is not None else n2 // 2
     if not 0 < n1 < n2:
@@ -650,6 +657,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         logger.warning("other processes already use %.0f%% of the CPUs: expect noisy timings", 100 * foreign_before)
     base_t: dict[int, list[float]] = {n1: [], n2: []}
     job_t: dict[int, list[float]] = {n1: [], n2: []}
+    ray_starts: list[float] = []
     job_runs: list[dict[str, Any]] = []
     baseline_runs: list[dict[str, Any]] = []
     commands: dict[str, str] = {}
@@ -686,12 +694,18 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             foreign = meter.foreign_fraction()
             if summary.get("written") != n:
                 raise RuntimeError(f"job wrote {summary.get('written')} of {n} documents; see {run_dir / 'job.log'}")
-            job_t[n].append(wall)
+            # Starting a local Ray does not grow with the documents but varies a lot on a loaded
+            # machine (a retried start took 31 s here): it is taken out of the differential and
+            # added back to the job's start-up below.
+            ray_start = float(summary.get("ray_start_seconds") or 0.0)
+            job_t[n].append(wall - ray_start)
+            ray_starts.append(ray_start)
             run = {
                 "docs": n,
                 "wall_s": _r(wall),
                 "job_seconds": summary.get("seconds"),
                 "job_startup_seconds": summary.get("startup_seconds"),
+                "ray_start_seconds": summary.get("ray_start_seconds"),
                 "job_docs_per_s": summary.get("docs_per_s"),
                 "calibration_s": (summary.get("calibration") or {}).get("seconds")
                 if isinstance(summary.get("calibration"), dict)
@@ -714,6 +728,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             )
 
     job = side_summary(n1, n2, job_t[n1], job_t[n2])
+    ray_start = statistics.median(ray_starts) if ray_starts else 0.0
+    job["ray_start_s"] = _r(ray_start)
+    for key in ("seconds", "seconds_small", "startup_s"):  # whole runs again, with a typical Ray start
+        if job[key] is not None:
+            job[key] = _r(job[key] + ray_start)
+    job["docs_per_s"], job["docs_per_s_small"] = _r(n2 / job["seconds"], 2), _r(n1 / job["seconds_small"], 2)
     baseline = side_summary(n1, n2, base_t[n1], base_t[n2])
     baseline_device = baseline_runs[-1]["device"]
     job.update(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -66,18 +67,30 @@ def _in_process_servers() -> dict:
     return getattr(server_manager_instance, "_servers", {})
 
 
+def _held_key(db_path: str | Path) -> str | None:
+    """The key this process's own Milvus Lite holds the .db under (milvus-lite keys by abspath,
+    which keeps symlinks), or None."""
+    servers = _in_process_servers()
+    path = Path(db_path).expanduser()
+    for key in (os.path.abspath(path), str(path.resolve())):
+        if key in servers:
+            return key
+    return None
+
+
 def held_in_process(db_path: str | Path) -> bool:
     """Whether this process holds the .db: pymilvus keeps an in-process Lite open until exit,
     even after every client on it is closed."""
-    return str(Path(db_path).expanduser().resolve()) in _in_process_servers()
+    return _held_key(db_path) is not None
 
 
 def release_in_process(db_path: str | Path) -> None:
     """Close this process's own Milvus Lite on the .db (its clients must be closed first)."""
-    if held_in_process(db_path):
+    key = _held_key(db_path)
+    if key is not None:
         from milvus_lite.server_manager import server_manager_instance
 
-        server_manager_instance.release_server(str(Path(db_path).expanduser().resolve()))
+        server_manager_instance.release_server(key)
 
 
 class LiteServer:

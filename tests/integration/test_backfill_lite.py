@@ -129,6 +129,8 @@ def test_rerun_is_idempotent_and_cli_prints_summary(tmp_path, cranfield, ray_loc
         assert key in summary
     # Nothing changed: every shard of the first run is skipped unread, nothing is written.
     assert summary["read"] == 0 and summary["written"] == 0 and summary["calibration"] == "reused"
+    # The CLI started a local Ray of its own; the first run joined the test's.
+    assert summary["ray_start_seconds"] > 0 and first["ray_start_seconds"] < 0.5
     assert summary["shards"]["skipped"] == summary["shards"]["total"] == first["shards"]["total"]
     assert set(first["partitions"]) == {"part_0000", "part_0001", "part_0002"}
     ids = all_ids(str(tmp_path / "m.db"), "docs")
