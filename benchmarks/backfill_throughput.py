@@ -504,14 +504,19 @@ def _r(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
 
-def side_summary(n1: int, n2: int, times1: list[float], times2: list[float]) -> dict[str, Any]:
+def side_summary(
+    n1: int, n2: int, times1: list[float], times2: list[float], fixed_s: float = 0.0
+) -> dict[str, Any]:
+    """Steady state from the differential of the times; `fixed_s` (start-up kept out of the times,
+    e.g. the job's Ray start) is added back to start-up and to the whole-run figures."""
     t1, t2 = statistics.median(times1), statistics.median(times2)
     steady, startup = differential(n1, t1, n2, t2)
+    t1, t2 = t1 + fixed_s, t2 + fixed_s
     return {
         "seconds": _r(t2),
         "docs_per_s": _r(n2 / t2, 2),
         "steady_docs_per_s": _r(steady, 2),
-        "startup_s": _r(startup),
+        "startup_s": _r(None if startup is None else startup + fixed_s),
         "seconds_small": _r(t1),
         "docs_per_s_small": _r(n1 / t1, 2),
     }
@@ -727,13 +732,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 summary.get("startup_seconds"),
             )
 
-    job = side_summary(n1, n2, job_t[n1], job_t[n2])
     ray_start = statistics.median(ray_starts) if ray_starts else 0.0
+    job = side_summary(n1, n2, job_t[n1], job_t[n2], fixed_s=ray_start)
     job["ray_start_s"] = _r(ray_start)
-    for key in ("seconds", "seconds_small", "startup_s"):  # whole runs again, with a typical Ray start
-        if job[key] is not None:
-            job[key] = _r(job[key] + ray_start)
-    job["docs_per_s"], job["docs_per_s_small"] = _r(n2 / job["seconds"], 2), _r(n1 / job["seconds_small"], 2)
     baseline = side_summary(n1, n2, base_t[n1], base_t[n2])
     baseline_device = baseline_runs[-1]["device"]
     job.update(

@@ -176,6 +176,18 @@ def _new_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch.column(C_STATUS), S_NEW))
 
 
+def read_good_rows(
+    shards: list[Shard], fs: pafs.FileSystem, spec: DocumentSpec, duplicates: dict[str, int] | None = None
+) -> Iterator[pa.Table]:
+    """Good documents of the shards, read in the driver, table by table (rejects and end-of-shard
+    rows left out); a consumer that stops early reads no further."""
+    for shard in shards:
+        for table in read_shard(fs, shard, spec, duplicates):
+            good = _new_rows(table)
+            if good.num_rows:
+                yield good
+
+
 def new_documents(docs: ray.data.Dataset) -> ray.data.Dataset:
     """Good documents as read (before change detection), without rejects or end-of-shard rows.
     A map with a small CPU share: Ray's filter would ask for a whole CPU per task, which the
@@ -195,10 +207,9 @@ def count_duplicate_ids(
     """
     if input_bytes <= DRIVER_ID_COUNT_BYTES:
         counts: dict[str, int] = {}
-        for shard in shards:
-            for table in read_shard(fs, shard, spec):
-                for entry in pc.value_counts(_new_rows(table).column(C_ID)).to_pylist():
-                    counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+        for table in read_good_rows(shards, fs, spec):
+            for entry in pc.value_counts(table.column(C_ID)).to_pylist():
+                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
         return {k: n for k, n in counts.items() if n > 1}
     ids = new_documents(read_documents(shards, fs, spec)).select_columns([C_ID])
     # Ray's default of 200 shuffle partitions costs seconds of task overhead on a small corpus.
@@ -307,14 +318,11 @@ def read_sample(
     """
     parts: list[pa.Table] = []
     n = 0
-    for shard in shards:
-        for table in read_shard(fs, shard, spec, duplicates):
-            good = _new_rows(table)
-            if good.num_rows:
-                parts.append(good.slice(0, size - n))
-                n += parts[-1].num_rows
-            if n >= size:
-                return pa.concat_tables(parts)
+    for good in read_good_rows(shards, fs, spec, duplicates):
+        parts.append(good.slice(0, size - n))
+        n += parts[-1].num_rows
+        if n >= size:
+            break
     return pa.concat_tables(parts) if parts else None
 
 
