@@ -504,9 +504,7 @@ def _r(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
 
-def side_summary(
-    n1: int, n2: int, times1: list[float], times2: list[float], fixed_s: float = 0.0
-) -> dict[str, Any]:
+def side_summary(n1: int, n2: int, times1: list[float], times2: list[float], fixed_s: float = 0.0) -> dict[str, Any]:
     """Steady state from the differential of the times; `fixed_s` (start-up kept out of the times,
     e.g. the job's Ray start) is added back to start-up and to the whole-run figures."""
     t1, t2 = statistics.median(times1), statistics.median(times2)

@@ -9,6 +9,7 @@ through the driver.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -330,14 +331,26 @@ def _numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
+def driver_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def sample_embeddings(sample: pa.Table | None, source: ModelSource, compute: ComputePlan) -> np.ndarray:
     """Float embeddings of the calibration sample (`read_sample`)."""
     if sample is None or not sample.num_rows:
         return np.empty((0, 0), dtype=np.float32)
     if compute.device == "cpu":
-        # On CPUs the driver embeds the sample itself, as fast as one actor would: starting an actor
-        # pool for a thousand documents (processes, torch import, model load) costs more than that.
-        encoder = DocumentEncoder(source, "float32", None, device="cpu", batch_size=compute.batch_size, threads=None)
+        # On CPUs the driver embeds the sample itself, with every core it has (the actors are not
+        # started yet): starting an actor pool for a thousand documents (processes, torch import,
+        # model load) costs more than that. Only the scale comes out of these floats: the last bit
+        # that several threads may change in them moves it by a rounding error, and it is fitted once.
+        encoder = DocumentEncoder(
+            source, "float32", None, device="cpu", batch_size=compute.batch_size, threads=driver_cores()
+        )
         step = compute.rows_per_call
         parts = [encoder(_numpy_batch(sample.slice(i, step)))[C_VECTOR] for i in range(0, sample.num_rows, step)]
     else:

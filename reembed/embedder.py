@@ -282,7 +282,10 @@ def padding_ratio(tokens: int, padded: int) -> float:
 
 
 class Embedder:
-    """One loaded model. Build it once per process (actor or replica) and call it many times."""
+    """One loaded model. Build it once per process (actor or replica) and call it many times.
+
+    `threads` sets torch's intra-op threads on the CPU, which is a setting of the whole process, not
+    of this model: None leaves it as it is (torch's default: every core)."""
 
     def __init__(
         self,
@@ -474,7 +477,9 @@ class Embedder:
 def describe_model(name_or_path: str) -> tuple[ModelSource, ModelIdentity]:
     """Resolve and load a model on the CPU once to learn its identity (dimension, weights hash)."""
     source = resolve_model(name_or_path)
-    embedder = Embedder(source, device="cpu")
+    # threads=None: learning the identity must not leave the process on one thread (the backfill's
+    # driver went on to embed its calibration sample at a single core's speed).
+    embedder = Embedder(source, device="cpu", threads=None)
     identity = embedder.identity()
     del embedder
     return source, identity
