@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start Ray without serve/runtime.py's settings (Serve's default mode and proxy), for comparison",
     )
     p.add_argument("--ingress-num-cpus", type=float, default=0.5)
+    p.add_argument(
+        "--embed-in",
+        choices=["embedder", "ingress"],
+        default=None,
+        help="where the service embeds queries (default: the service's, a QueryEmbedder deployment)",
+    )
     p.add_argument("--max-batch-size", type=int, default=None, help="embedder @serve.batch size (service default)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=None, help="(default: the service's)")
     p.add_argument("--cache-size", type=int, default=None, help="query embeddings cached (default: the service's)")
@@ -588,6 +594,7 @@ def measure_service(
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "cache_size": args.cache_size,
+        "embed_in": args.embed_in,
     }
     cfg = ServiceConfig(
         milvus_uri=uri,

@@ -294,6 +294,13 @@ class ServiceConfig(BaseSettings):
         None, ge=0, le=8, description="GPUs per replica (default: 1 where the cluster has GPUs, else 0)"
     )
     ingress_replicas: int = Field(1, ge=1, le=1024)
+    embed_in: Literal["embedder", "ingress"] = Field(
+        "embedder",
+        description="where queries are embedded: a QueryEmbedder deployment of its own (GPU replicas, scaled "
+        "apart from the ingress), or each ingress replica itself (CPU services: no call between replicas, "
+        "which took ~3 ms a query on 2 cores; the ingress then takes the embedder's CPUs, GPUs and threads, "
+        "and autoscales with min_replicas/max_replicas instead of ingress_replicas)",
+    )
     ingress_num_cpus: float = Field(0.5, gt=0, le=64, description="CPUs per ingress replica (mostly waits on I/O)")
 
     cache_size: int = Field(10_000, ge=0, le=10_000_000, description="query embeddings kept; 0 disables")
@@ -338,7 +345,19 @@ class ServiceConfig(BaseSettings):
             raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
         if self.default_ef > self.max_ef:
             raise ValueError(f"default_ef ({self.default_ef}) must be <= max_ef ({self.max_ef})")
-        if self.milvus_uri.endswith(".db") and "://" not in self.milvus_uri and self.ingress_replicas != 1:
+        lite_db = self.milvus_uri.endswith(".db") and "://" not in self.milvus_uri
+        if self.embed_in == "ingress" and "ingress_replicas" in self.model_fields_set and self.ingress_replicas != 1:
+            raise ValueError(
+                f"ingress_replicas: with embed_in=ingress the ingress autoscales with min_replicas/max_replicas; "
+                f"expected it unset, got {self.ingress_replicas}"
+            )
+        if self.embed_in == "ingress" and lite_db and "max_replicas" in self.model_fields_set and self.max_replicas > 1:
+            raise ValueError(
+                f"max_replicas: a Milvus Lite .db is opened by one process, so with embed_in=ingress expected 1 "
+                f"with milvus_uri={self.milvus_uri!r}, got {self.max_replicas}; run `milvus-lite server` or a Milvus "
+                "server and pass its URI to scale out"
+            )
+        if lite_db and self.ingress_replicas != 1:
             raise ValueError(
                 f"ingress_replicas: a Milvus Lite .db is opened by one process, so expected 1 with "
                 f"milvus_uri={self.milvus_uri!r}, got {self.ingress_replicas}; run `milvus-lite server` "

@@ -104,8 +104,9 @@ def service(tmp_path_factory, cranfield, ray_local, lite):
         "search_timeout_s": 3.0,
     }
     serve.run(build_app(ServiceConfig(collection="docs", **common)), name="main", route_prefix="/", blocking=False)
+    # The secured app embeds its queries in its ingress replica (embed_in=ingress), no embedder deployment.
     serve.run(
-        build_app(ServiceConfig(collection="docs_live", api_key=API_KEY, **common)),
+        build_app(ServiceConfig(collection="docs_live", api_key=API_KEY, embed_in="ingress", **common)),
         name="secure",
         route_prefix="/secure",
         blocking=False,
@@ -234,6 +235,25 @@ def test_api_key(service):
     assert ok.status_code == 200 and ok.json()["results"][0]["id"] == "3"
     assert ok.json()["collection"] == "docs"  # searched through the alias docs_live
     assert requests.get(service["base"] + "/secure/healthz", timeout=10).status_code == 200
+
+
+def test_embedding_in_the_ingress_answers_as_the_embedder_deployment_does(service):
+    """The secured app embeds in its ingress (embed_in=ingress): the same hits and scores as the main
+    app, whose queries go to its QueryEmbedder deployment, and the model calls are the ingress's own."""
+    from ray import serve
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    text = "pressure distribution on a slender body of revolution at supersonic speed"
+    here = post(service, {"query": text, "k": 5}, path="/secure/search", headers=auth)
+    there = post(service, {"query": text, "k": 5})
+    assert here.status_code == there.status_code == 200, (here.text, there.text)
+    assert [(h["id"], h["score"]) for h in here.json()["results"]] == [
+        (h["id"], h["score"]) for h in there.json()["results"]
+    ]
+    stats = requests.get(service["base"] + "/secure/stats", headers=auth, timeout=10).json()
+    (calls,) = stats["embedder"].values()
+    assert calls["queries"] >= 1 and calls["model_calls"] >= 1
+    assert set(serve.status().applications["secure"].deployments) == {"SearchIngress"}
 
 
 def test_a_model_that_does_not_match_the_collection_is_refused(service):

@@ -1,13 +1,15 @@
-"""The query-embedding deployment's class, called directly (no Serve): batching and model checks."""
+"""The query models of the embedder deployment (and of the ingress with embed_in=ingress), without
+Serve: batching and model checks."""
 
 import asyncio
 
 import numpy as np
 import pytest
 
+from reembed.config import ServiceConfig
 from reembed.embedder import Embedder, describe_model
 from reembed.errors import ModelMismatchError
-from serve.app import QueryEmbedder
+from serve.app import QueryModels
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def minilm():
 def test_a_batch_matches_one_by_one_and_groups_by_model(minilm, tiny_model):
     source, model = minilm
     _, tiny = describe_model(str(tiny_model))
-    embedder = QueryEmbedder.func_or_class({"device": "cpu"})
+    embedder = QueryModels(ServiceConfig(device="cpu"))
     texts = [f"query number {i}" for i in range(5)]
     models = [model, tiny.to_dict(), model, model, tiny.to_dict()]
     got = asyncio.run(embedder.embed_many(models, texts))
@@ -31,7 +33,7 @@ def test_a_batch_matches_one_by_one_and_groups_by_model(minilm, tiny_model):
 
 def test_check_refuses_other_weights(minilm):
     _, model = minilm
-    embedder = QueryEmbedder.func_or_class({"device": "cpu"})
+    embedder = QueryModels(ServiceConfig(device="cpu"))
     info = asyncio.run(embedder.check(model))
     assert info["dimension"] == model["dimension"]
     with pytest.raises(ModelMismatchError, match="weights"):

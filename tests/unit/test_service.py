@@ -133,3 +133,36 @@ def test_cache_serves_repeats_without_the_model():
     assert (hits1, hits2) == (0, 1)
     assert np.array_equal(second[0], first[1])
     assert svc.stats()["cache"]["hits"] == 1
+
+
+def test_embed_in_ingress_is_one_deployment_with_the_embedders_resources_and_scaling():
+    from serve.app import build_app
+
+    split = build_app(ServiceConfig(device="cpu", embedder_num_cpus=2, ingress_num_cpus=0.5))
+    ingress = split._bound_deployment
+    embedder = ingress.init_args[1]._bound_deployment
+    assert (ingress.name, embedder.name) == ("SearchIngress", "QueryEmbedder")
+    assert ingress.ray_actor_options["num_cpus"] == 0.5 and embedder.ray_actor_options["num_cpus"] == 2
+
+    one = build_app(
+        ServiceConfig(
+            device="cpu", embed_in="ingress", milvus_uri="http://milvus:19530", max_replicas=3, embedder_num_cpus=2
+        )
+    )._bound_deployment
+    assert one.name == "SearchIngress" and one.init_args[1] is None  # no embedder deployment behind it
+    assert one.ray_actor_options == {"num_cpus": 2.5, "num_gpus": 0.0}
+    scaling = one._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
+
+    lite = build_app(ServiceConfig(device="cpu", embed_in="ingress", milvus_uri="./data/x.db"))._bound_deployment
+    assert lite.num_replicas == 1 and lite._deployment_config.autoscaling_config is None  # one process opens a .db
+
+
+def test_embed_in_ingress_refuses_settings_it_cannot_honour():
+    with pytest.raises(ValidationError, match="ingress_replicas: with embed_in=ingress"):
+        ServiceConfig(embed_in="ingress", milvus_uri="http://milvus:19530", ingress_replicas=4)
+    with pytest.raises(ValidationError, match="max_replicas: a Milvus Lite .db"):
+        ServiceConfig(embed_in="ingress", milvus_uri="./data/x.db", max_replicas=2)
+    with pytest.raises(ValidationError, match="embed_in"):
+        ServiceConfig(embed_in="replica")
+    assert ServiceConfig(embed_in="ingress", milvus_uri="./data/x.db").max_replicas == 2  # the default: not used
