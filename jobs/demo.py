@@ -351,11 +351,18 @@ def start_service(uri: str, collection: str, device: str, port: int) -> str:
     from ray import serve
 
     from reembed.config import ServiceConfig
+    from reembed.embedder import pick_device
     from serve.app import build_app
 
     t = time.perf_counter()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServiceConfig(milvus_uri=uri, collection=collection, device=device, min_replicas=1, max_replicas=1)
+    layout: dict[str, Any] = {}
+    if pick_device(device) == "cpu":
+        # One machine without a GPU: the service's CPU configuration (README, "Embedding in the
+        # ingress"): the model in the ingress replica, on every core.
+        layout = {"embed_in": "ingress", "embedder_threads": os.cpu_count() or 1}
+    cfg = ServiceConfig(milvus_uri=uri, collection=collection, device=device, min_replicas=1, max_replicas=1, **layout)
+    logger.info("search service: embedding in %s", "the ingress replica" if layout else "a QueryEmbedder deployment")
     serve.run(build_app(cfg), name="reembed", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     ready = _wait_ready(base)
