@@ -360,7 +360,9 @@ def start_service(uri: str, collection: str, device: str, port: int) -> str:
     if pick_device(device) == "cpu":
         # One machine without a GPU: the service's CPU configuration (README, "Embedding in the
         # ingress"): the model in the ingress replica, on every core.
-        layout = {"embed_in": "ingress", "embedder_threads": os.cpu_count() or 1}
+        from jobs.pipeline import driver_cores
+
+        layout = {"embed_in": "ingress", "embedder_threads": driver_cores()}
     cfg = ServiceConfig(milvus_uri=uri, collection=collection, device=device, min_replicas=1, max_replicas=1, **layout)
     logger.info("search service: embedding in %s", "the ingress replica" if layout else "a QueryEmbedder deployment")
     serve.run(build_app(cfg), name="reembed", route_prefix="/", blocking=False)
