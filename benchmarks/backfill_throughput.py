@@ -520,17 +520,6 @@ def side_summary(n1: int, n2: int, times1: list[float], times2: list[float], fix
     }
 
 
-def _rows_per_actor_call(batch_size: int | str) -> int | None:
-    """Rows the job hands a CPU embedding actor per call (jobs.pipeline.ComputePlan.rows_per_call)."""
-    try:
-        from jobs.pipeline import AUTO_ROWS_PER_CALL, ROWS_PER_CALL_FACTOR
-    except ImportError:
-        return None
-    if batch_size == "auto":
-        return AUTO_ROWS_PER_CALL["cpu"]
-    return int(batch_size) * ROWS_PER_CALL_FACTOR["cpu"]
-
-
 def _command_line() -> str:
     return shlex.join([Path(sys.executable).name, *sys.argv])
 
@@ -601,12 +590,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     except ReembedError as exc:
         raise SystemExit(f"the job rejects these settings: {exc}") from None
     cpus = os.cpu_count() or 1
-    rows_per_call = _rows_per_actor_call(cfg.batch_size)
+    from jobs.pipeline import rows_per_call as job_rows_per_call
+
+    rows_per_call = job_rows_per_call(cfg.batch_size, "cpu")  # what a CPU embedding actor gets a call
     # Default sizes: the whole input, and at least enough that the small run gives every core's
     # worth of actors one full call and the large run two, so both runs keep all actors busy and the
     # difference is throughput, not how rows split.
     lines, texts, available = select_documents(Path(args.input), args.id_field, text_fields, args.docs)
-    minimum = 2 * cpus * rows_per_call if rows_per_call else 0
+    minimum = 2 * cpus * rows_per_call
     if not args.docs and len(lines) < minimum:
         lines, texts, available = select_documents(Path(args.input), args.id_field, text_fields, minimum)
     n2 = len(lines)
@@ -783,7 +774,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 f"{'job' if side is job else 'baseline'} start-up came out negative: its small run went faster "
                 "than its steady state, so one of the runs was disturbed"
             )
-    if rows_per_call and job["actors"] and n1 < job["actors"] * rows_per_call:
+    if job["actors"] and n1 < job["actors"] * rows_per_call:
         doubts.append(
             f"the job hands an actor {rows_per_call} rows a call and has {job['actors']} actors; the small run "
             f"({n1} documents) cannot give each of them a full call, so the times depend on how rows split "

@@ -60,9 +60,14 @@ class ComputePlan:
 
     @property
     def rows_per_call(self) -> int:
-        if self.batch_size == "auto":
-            return AUTO_ROWS_PER_CALL.get(self.device, AUTO_ROWS_PER_CALL["cpu"])
-        return int(self.batch_size) * ROWS_PER_CALL_FACTOR.get(self.device, 1)
+        return rows_per_call(self.batch_size, self.device)
+
+
+def rows_per_call(batch_size: int | str, device: str) -> int:
+    """Rows an embedding actor on `device` gets per call with this batch size ("auto" included)."""
+    if batch_size == "auto":
+        return AUTO_ROWS_PER_CALL.get(device, AUTO_ROWS_PER_CALL["cpu"])
+    return int(batch_size) * ROWS_PER_CALL_FACTOR.get(device, 1)
 
 
 def cluster_shape() -> tuple[float, int, int]:

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reembed.errors import ConfigError
+from reembed.lite import is_lite_uri
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_MILVUS_URI = "./data/reembed.db"
@@ -196,7 +197,7 @@ class BackfillConfig(BaseSettings):
                 f"partition_by={self.partition_by!r} and partitions={self.partitions} are exclusive: "
                 "choose one partitioning scheme"
             )
-        if self.write_mode == "bulk" and self.milvus_uri.endswith(".db") and "://" not in self.milvus_uri:
+        if self.write_mode == "bulk" and is_lite_uri(self.milvus_uri):
             raise ValueError(
                 f"write_mode: bulk needs a Milvus server; Milvus Lite ({self.milvus_uri!r}) has no bulk import, "
                 "use write_mode upsert with a .db"
@@ -345,7 +346,7 @@ class ServiceConfig(BaseSettings):
             raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
         if self.default_ef > self.max_ef:
             raise ValueError(f"default_ef ({self.default_ef}) must be <= max_ef ({self.max_ef})")
-        lite_db = self.milvus_uri.endswith(".db") and "://" not in self.milvus_uri
+        lite_db = is_lite_uri(self.milvus_uri)
         if self.embed_in == "ingress" and "ingress_replicas" in self.model_fields_set and self.ingress_replicas != 1:
             raise ValueError(
                 f"ingress_replicas: with embed_in=ingress the ingress autoscales with min_replicas/max_replicas; "
