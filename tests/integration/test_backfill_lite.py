@@ -11,10 +11,9 @@ import pytest
 
 from jobs.backfill import parse_config, run
 from reembed.errors import ConfigError, ModelMismatchError, StoreUnavailableError
-from reembed.lite import LiteServer
 from reembed.search import Searcher
 from reembed.store import F_ID, MilvusStore
-from tests.conftest import REPO, cranfield_docs, read_jsonl, write_jsonl
+from tests.conftest import REPO, cranfield_docs, open_store, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -42,14 +41,9 @@ def backfill(tmp_path: Path, input_path: Path, collection: str = "docs", db: str
 
 
 def all_ids(db: str, collection: str) -> list[str]:
-    # Through a server of its own: Milvus Lite opened in this process would keep the .db locked.
-    with LiteServer(db) as uri:
-        store = MilvusStore(uri)
-        try:
-            rows = store.query(collection, f'{F_ID} != ""', [F_ID], limit=16384)
-            return [r[F_ID] for r in rows]
-        finally:
-            store.close()
+    with open_store(db) as store:
+        rows = store.query(collection, f'{F_ID} != ""', [F_ID], limit=16384)
+    return [r[F_ID] for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +75,15 @@ def test_cranfield_backfill_finds_relevant_documents(cranfield_backfill, cranfie
         qid, did, score = line.split("\t")
         if int(score) > 0:
             qrels.setdefault(qid, set()).add(did)
-    with LiteServer(str(tmp / "m.db")) as uri:  # in this process, Lite would hold the .db until exit
-        store = MilvusStore(uri)
-        try:
-            searcher = Searcher(store, "cranfield", device="cpu")
-            judged = [q for q in queries if q in qrels]
-            hits, timing = searcher.search([queries[q] for q in judged], k=10, ef=128)
-            found = sum(bool({h.id for h in row} & qrels[q]) for q, row in zip(judged, hits, strict=True))
-            assert timing["embed"] > 0 and timing["search"] > 0
-            # all-MiniLM-L6-v2 finds a judged document in the top 10 for most Cranfield queries.
-            assert found / len(judged) >= 0.7, f"only {found}/{len(judged)} queries found a relevant document"
-            assert 0.0 < hits[0][0].score <= 1.05  # int8 code scores are mapped back to cosine
-        finally:
-            store.close()
+    with open_store(str(tmp / "m.db")) as store:
+        searcher = Searcher(store, "cranfield", device="cpu")
+        judged = [q for q in queries if q in qrels]
+        hits, timing = searcher.search([queries[q] for q in judged], k=10, ef=128)
+    found = sum(bool({h.id for h in row} & qrels[q]) for q, row in zip(judged, hits, strict=True))
+    assert timing["embed"] > 0 and timing["search"] > 0
+    # all-MiniLM-L6-v2 finds a judged document in the top 10 for most Cranfield queries.
+    assert found / len(judged) >= 0.7, f"only {found}/{len(judged)} queries found a relevant document"
+    assert 0.0 < hits[0][0].score <= 1.05  # int8 code scores are mapped back to cosine
 
 
 def test_rerun_is_idempotent_and_cli_prints_summary(tmp_path, cranfield, ray_local):

@@ -7,7 +7,6 @@ run gives (computed here, in the test, with the same model and the collection's 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -27,9 +26,8 @@ from reembed.documents import C_ID, C_STATUS, S_NEW, DocumentSpec, content_hash,
 from reembed.embedder import resolve_model
 from reembed.errors import InputDataError
 from reembed.ingest import C_VECTOR, DocumentEncoder
-from reembed.lite import LiteServer, is_lite_uri
-from reembed.store import F_HASH, F_ID, F_VECTOR, MilvusStore
-from tests.conftest import REPO, SHORT_TEXT_WORDS, cranfield_docs, write_jsonl
+from reembed.store import F_HASH, F_ID, F_VECTOR
+from tests.conftest import REPO, SHORT_TEXT_WORDS, cranfield_docs, open_store, write_jsonl
 from tests.unit.test_shards import corrupt_row_group
 
 pytestmark = pytest.mark.integration
@@ -71,14 +69,9 @@ def doc_text(doc: dict) -> str:
 
 def assert_collection_is(uri: str, docs: list[dict], collection: str = "docs") -> None:
     """Exactly these documents, once each, with their current hashes and uninterrupted-run codes."""
-    # Through a server of its own: Milvus Lite opened in this process would keep the .db locked.
-    with LiteServer(uri) if is_lite_uri(uri) else contextlib.nullcontext(uri) as server_uri:
-        store = MilvusStore(server_uri)
-        try:
-            rows = store.query(collection, f'{F_ID} != ""', [F_ID, F_HASH, F_VECTOR], limit=16384)
-            identity = store.read_identity(collection)
-        finally:
-            store.close()
+    with open_store(uri) as store:
+        rows = store.query(collection, f'{F_ID} != ""', [F_ID, F_HASH, F_VECTOR], limit=16384)
+        identity = store.read_identity(collection)
     ids = [r[F_ID] for r in rows]
     assert len(ids) == len(set(ids)), "a document is stored twice"
     assert sorted(ids) == sorted(d["_id"] for d in docs)

