@@ -38,14 +38,14 @@ from reembed.documents import (
     hash_partition_name,
 )
 from reembed.embedder import describe_model, padding_ratio
-from reembed.errors import ConfigError, InputDataError, ReembedError
+from reembed.errors import ConfigError, InputDataError, ReembedError, root_cause
 from reembed.ingest import EMBED_STATUSES, SUMMARY_COLUMNS
 from reembed.inputs import inspect_input
 from reembed.lite import LiteServer, is_lite_uri
 from reembed.quantize import RERANK_ENCODING, Int8Calibration, clipping_report, fit_int8
 from reembed.shards import Shard, auto_shard_bytes, plan_shards
 from reembed.state import STATE_FILE, ShardLog, run_key
-from reembed.store import DEFAULT_PARTITION, CollectionIdentity, MilvusStore
+from reembed.store import DEFAULT_PARTITION, F_TEXT, CollectionIdentity, MilvusStore
 
 logger = logging.getLogger("jobs.backfill")
 PROGRESS_EVERY_S = 10.0
@@ -198,6 +198,7 @@ def run(cfg: BackfillConfig) -> dict[str, Any]:
             stored = store.check_identity(cfg.collection, wanted)
             wanted = replace(wanted, calibration=stored.calibration, vector_type=stored.vector_type, hnsw=stored.hnsw)
             logger.info("collection %r exists with a matching identity: reusing its int8 calibration", cfg.collection)
+            cfg = fit_text_room(cfg, store)
         if cfg.write_mode == "bulk":
             bulk.check_bulk_ready(store, cfg.collection, exists, cfg.bulk_dir, cfg.bulk_storage_root)
 
@@ -219,6 +220,23 @@ def run(cfg: BackfillConfig) -> dict[str, Any]:
     summary["docs_per_s"] = round(summary["read"] / summary["seconds"], 2) if summary["seconds"] else 0.0
     _write_manifest(cfg, summary, started_at)
     return summary
+
+
+def fit_text_room(cfg: BackfillConfig, store: MilvusStore) -> BackfillConfig:
+    """The stored text length for an existing collection: the one its text field was made with where
+    --max-text-bytes was not given; a given one above it is refused before any work (Milvus would
+    refuse every longer text at write time)."""
+    room = store.varchar_max_length(cfg.collection, F_TEXT)
+    if room is None:
+        return cfg
+    if "max_text_bytes" not in cfg.model_fields_set:
+        return cfg.model_copy(update={"max_text_bytes": room})
+    if cfg.max_text_bytes > room:
+        raise ConfigError(
+            f"max_text_bytes: collection {cfg.collection!r} stores texts of at most {room} bytes (its {F_TEXT!r} "
+            f"field was made so), got {cfg.max_text_bytes}; use --max-text-bytes {room} or less, or a new --collection"
+        )
+    return cfg
 
 
 def refuse_lite_on_cluster(milvus_uri: str, nodes: int) -> None:
@@ -266,9 +284,21 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     log = _shard_log(cfg, spec, store, wanted) if exists else None
     todo, done = plan_shards(plan, shard_bytes, None if cfg.full else log)
     logger.info("%d shard(s) to read, %d already done (resume record %s)", len(todo), len(done), _state_path(cfg))
-    duplicates = pipeline.count_duplicate_ids(todo, plan.filesystem, spec, plan.total_bytes)
+    # The whole input, skipped shards included: repeated ids across files, the input's document
+    # count, and whether every shard can be read whole (deletes and moves act only then).
+    census = pipeline.take_census(todo + done, plan.filesystem, spec, plan.total_bytes)
+    duplicates = census.duplicates
     if duplicates:
         logger.warning("%d ids appear more than once in the input: every copy is rejected", len(duplicates))
+    if census.failed:
+        key, reason = next(iter(census.failed.items()))
+        logger.error(
+            "%d shard(s) of the input cannot be read whole, first %s (%s): nothing will be deleted and no "
+            "document moved between partitions in this run",
+            len(census.failed),
+            key,
+            reason,
+        )
     docs = pipeline.read_documents(todo, plan.filesystem, spec, duplicates)
 
     calibration_info: dict[str, Any] = {}
@@ -299,7 +329,9 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
 
     embed_statuses = (*EMBED_STATUSES, S_UNCHANGED) if cfg.full else EMBED_STATUSES
     if exists:  # a new collection holds nothing to compare with
-        docs = pipeline.detect_changes(docs, uri, cfg.milvus_token, cfg.collection, cfg.full, compute)
+        docs = pipeline.detect_changes(
+            docs, uri, cfg.milvus_token, cfg.collection, cfg.full, compute, allow_moves=census.complete
+        )
     vectors = pipeline.embed(
         docs, source, cfg.precision, wanted.calibration, compute, embed_statuses, rerank=bool(wanted.rerank)
     )
@@ -350,9 +382,16 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         raise _job_failure(exc, progress) from exc
     finally:
         progress.close()
+    if census.failed:
+        key, reason = next(iter(census.failed.items()))
+        raise InputDataError(
+            f"{reason}. {len(census.failed)} shard(s) of the input could not be read whole (first {key}): "
+            f"nothing was deleted and no document moved; the {progress.recorded} shard(s) read in this run are "
+            "written and recorded. Fix or remove the damaged file and rerun the same command"
+        )
     deleted = 0
     if cfg.delete_missing:
-        deleted = _delete_missing(cfg, spec, plan, todo + done, store, uri)
+        deleted = _delete_missing(cfg, plan, todo + done, census, log, store, uri)
     counts = progress.counts
     clipping = None
     if cfg.precision == "int8" and wanted.calibration:
@@ -397,6 +436,8 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "milvus": store.capabilities.version,
         "partitions": dict(sorted(progress.per_partition.items())),
         "duplicate_ids": len(duplicates),
+        # The whole input as read in this run (skipped shards included): what the collection must hold.
+        "input": census.summary(),
         "calibration": calibration_info or ("reused" if wanted.calibration else None),
         "write_mode": cfg.write_mode,
         "bulk_import": bulk_info,
@@ -554,27 +595,57 @@ class RunProgress:
 
 
 def _job_failure(exc: Exception, progress: RunProgress) -> ReembedError:
-    """The error to stop with: the shard that failed, if the failure names one, and what is kept."""
+    """The error to stop with. Its first line is the underlying exception (not Ray's wrapper or its
+    retry advice) and where it came from: the shard it names, else the pipeline stage and the
+    shards that were in flight; then what is kept."""
     if isinstance(exc, ReembedError):
         return exc
+    cause = root_cause(exc)
     text = str(exc)
-    match = re.search(r"shard (\S+#\d+-\d+)", text)
-    where = f"shard {match.group(1)} failed" if match else "the pipeline failed"
-    last = text.strip().splitlines()[-1] if text.strip() else repr(exc)
+    match = re.search(r"shard (\S+#\d+-\d+)", cause) or re.search(r"shard (\S+#\d+-\d+)", text)
+    stage = re.search(r"MapBatches\((\w+)\)", text)
+    if match:
+        where = f"shard {match.group(1)}"
+    else:
+        pending = [k for k in progress.shards if k not in progress.completed]
+        where = f"{len(pending)} shard(s) in flight, first {pending[0]}" if pending else "after every shard was read"
+    if stage:
+        where += f", in {stage.group(1)}"
     err = InputDataError if match and "cannot read" in text else ReembedError
     return err(
-        f"{where}: {last[:500]}. {progress.recorded} shard(s) finished and recorded; "
+        f"{cause} ({where}). {progress.recorded} shard(s) finished and recorded; "
         "rerun the same command to resume from there"
     )
 
 
-def _delete_missing(cfg, spec, plan, shards, store: MilvusStore, uri: str) -> int:
-    """Delete the stored documents whose ids the input no longer names (after a flush)."""
+def _delete_missing(cfg, plan, shards: list[Shard], census, log: ShardLog | None, store: MilvusStore, uri: str) -> int:
+    """Delete the stored documents whose ids the input no longer names (after a flush).
+
+    Acts only on a complete read of an unchanged input: the census read every shard whole
+    (checked by the caller), no file changed size or mtime since it was planned, and the listing
+    did not lose more than `max_delete_fraction` of the files the resume record knows (a listing
+    that failed half-way must not read as "deleted"). The deletes themselves go through
+    reembed.expr, whatever the ids hold.
+    """
     from jobs import pipeline
 
-    present = pipeline.input_ids(pipeline.read_documents(shards, plan.filesystem, spec))
-    stored = pipeline.stored_ids(uri, cfg.milvus_token, cfg.collection, store.list_partitions(cfg.collection))
-    gone = pipeline.missing_ids(stored, present, plan.total_bytes)
+    _refuse_changed_input(plan, shards)
+    if log is not None:
+        known = log.recorded_paths()
+        lost = sorted(known - set(plan.files))
+        if known and len(lost) > cfg.max_delete_fraction * len(known):
+            raise InputDataError(
+                f"delete_missing: {len(lost)} of the {len(known)} input files this collection was built from are "
+                f"not in the listing of {cfg.input!r} (first {lost[0]!r}), more than "
+                f"max_delete_fraction={cfg.max_delete_fraction}; nothing was deleted. If the listing is right "
+                "(the files were removed on purpose), raise --max-delete-fraction"
+            )
+    if census.ids is not None:
+        gone = [i for chunk in _stored_id_chunks(store, cfg.collection) for i in chunk if i not in census.ids]
+    else:
+        present = pipeline.input_ids(census.id_rows)
+        stored = pipeline.stored_ids(uri, cfg.milvus_token, cfg.collection, store.list_partitions(cfg.collection))
+        gone = pipeline.missing_ids(stored, present, plan.total_bytes)
     total = store.count(cfg.collection)
     if total and len(gone) > cfg.max_delete_fraction * total:
         raise ConfigError(
@@ -587,6 +658,28 @@ def _delete_missing(cfg, spec, plan, shards, store: MilvusStore, uri: str) -> in
         store.flush(cfg.collection)
         logger.info("deleted %d document(s) no longer in the input", len(gone))
     return len(gone)
+
+
+def _stored_id_chunks(store: MilvusStore, collection: str):
+    for partition in store.list_partitions(collection):
+        yield from store.iter_ids(collection, partition=partition)
+
+
+def _refuse_changed_input(plan, shards: list[Shard]) -> None:
+    """Raise if an input file changed (size or mtime) since the run planned its shards: the ids read
+    then may no longer be the input's."""
+    planned = {s.path: (s.size, s.mtime_ns) for s in shards}
+    try:
+        infos = plan.filesystem.get_file_info(list(planned))
+    except Exception as exc:
+        raise InputDataError(f"delete_missing: cannot stat the input files again: {exc}; nothing was deleted") from exc
+    for info in infos:
+        now = (int(info.size or 0), int(info.mtime_ns or 0))
+        if info.type.name != "File" or now != planned[info.path]:
+            raise InputDataError(
+                f"delete_missing: input file {info.path!r} changed while the job ran ({planned[info.path]} -> {now} "
+                "as (size, mtime_ns)); nothing was deleted. Rerun the same command"
+            )
 
 
 def _run_dir(cfg: BackfillConfig) -> Path:

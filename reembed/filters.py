@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reembed.errors import ReembedError
+from reembed.expr import string_literal, unstorable
 
 OPERATORS = {"eq": "==", "ne": "!=", "lt": "<", "lte": "<=", "gt": ">", "gte": ">=", "in": "in", "not_in": "not in"}
 MAX_IN_VALUES = 1024
@@ -37,13 +38,14 @@ class Clause:
 
 
 def quote_string(value: str, where: str) -> str:
-    """A Milvus string literal for `value`. Control characters are refused rather than escaped:
-    Milvus Lite and the C++ server do not agree on escape sequences beyond \\\\ and \\"."""
+    """A Milvus string literal for `value` (reembed.expr: read back exactly by Milvus Lite and the
+    server, whatever the characters, so that a filter can name any id the job stored)."""
     if len(value) > MAX_STRING_CHARS:
         raise FilterError(where, f"expected at most {MAX_STRING_CHARS} characters, got {len(value)}")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise FilterError(where, "control characters are not allowed in filter values")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    reason = unstorable(value)
+    if reason:
+        raise FilterError(where, f"not valid Unicode: {reason}")
+    return string_literal(value)
 
 
 def _literal(value: Any, kind: str, where: str) -> str:

@@ -62,6 +62,10 @@ class ShardLog:
         if shard not in shards:
             shards.append(shard)
 
+    def recorded_paths(self) -> set[str]:
+        """Every input file with a shard recorded under this run key (whatever its size and mtime)."""
+        return set(self._done)
+
     def done_shards(self, path: str, size: int, mtime_ns: int) -> list[Shard]:
         """The recorded shards of `path`, if the file is still as it was (same size and mtime)."""
         return [s for s in self._done.get(path, []) if s.size == size and s.mtime_ns == mtime_ns]

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from reembed.errors import CapabilityError, ConfigError, ModelMismatchError, ReembedError, StoreUnavailableError
+from reembed.expr import all_of, equals, in_list, not_equals
 from reembed.quantize import rerank_text_bytes
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ MAX_REQUEST_BYTES = 16 << 20
 INT8_VECTOR_MIN_VERSION = (2, 6, 0)
 # Ids per `id in [...]` lookup or delete: short expressions, few round trips.
 LOOKUP_IDS_PER_QUERY = 1000
+# Every row: a query iterator needs some filter on Milvus 2.3 (an empty one is refused there).
+ALL_ROWS = f'{F_ID} != ""'
 # Milvus 2.3 indexes binary vectors with BIN_FLAT or BIN_IVF_FLAT only (no graph index): exact
 # Hamming search is the first stage of binary + re-rank.
 BINARY_INDEX = "BIN_FLAT"
@@ -260,6 +263,15 @@ class MilvusStore:
             scalar_fields=scalars,
         )
 
+    def varchar_max_length(self, name: str, field_name: str) -> int | None:
+        """The max_length (UTF-8 bytes) of VARCHAR field `field_name` of collection `name`, if it has one."""
+        desc = self._call("describe_collection", self.client.describe_collection, name)
+        for f in desc.get("fields", []):
+            if f.get("name") == field_name:
+                value = (f.get("params") or {}).get("max_length")
+                return int(value) if value is not None else None
+        return None
+
     def check_identity(self, name: str, wanted: CollectionIdentity) -> CollectionIdentity:
         """Refuse to touch collection `name` if it was built with another identity."""
         stored = self.read_identity(name)
@@ -461,7 +473,7 @@ class MilvusStore:
             return 0
         found = self.query(
             collection,
-            f"{F_ID} in {json.dumps(list(ids))} and {F_PARTITION} != {json.dumps(partition)}",
+            all_of(in_list(F_ID, ids), not_equals(F_PARTITION, partition)),
             [F_ID, F_PARTITION],
         )
         deleted = 0
@@ -469,8 +481,7 @@ class MilvusStore:
         for row in found:
             by_partition.setdefault(row[F_PARTITION], []).append(row[F_ID])
         for old, old_ids in by_partition.items():
-            self._call("delete", self.client.delete, collection, ids=old_ids, partition_name=old)
-            deleted += len(old_ids)
+            deleted += self._delete(collection, old_ids, partition=old)
         return deleted
 
     def stored_versions(self, collection: str, ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
@@ -478,7 +489,7 @@ class MilvusStore:
         out: dict[str, list[tuple[str, str]]] = {}
         for start in range(0, len(ids), LOOKUP_IDS_PER_QUERY):
             chunk = list(ids[start : start + LOOKUP_IDS_PER_QUERY])
-            rows = self.query(collection, f"{F_ID} in {json.dumps(chunk)}", [F_ID, F_PARTITION, F_HASH])
+            rows = self.query(collection, in_list(F_ID, chunk), [F_ID, F_PARTITION, F_HASH])
             for row in rows:
                 out.setdefault(row[F_ID], []).append((row[F_PARTITION], row[F_HASH]))
         return out
@@ -487,7 +498,7 @@ class MilvusStore:
         """Every stored id (of one partition), in batches, streamed with a query iterator."""
         self.load(collection)
         # Filter on the stored partition field: Milvus Lite ignores partition_names in queries.
-        expr = f"{F_PARTITION} == {json.dumps(partition)}" if partition else f'{F_ID} != ""'
+        expr = equals(F_PARTITION, partition) if partition else ALL_ROWS
         iterator = self._call(
             "query_iterator",
             self.client.query_iterator,
@@ -511,12 +522,20 @@ class MilvusStore:
         deleted = 0
         for start in range(0, len(ids), LOOKUP_IDS_PER_QUERY):
             chunk = list(ids[start : start + LOOKUP_IDS_PER_QUERY])
-            self._call("delete", self.client.delete, collection, ids=chunk)
-            deleted += len(chunk)
+            deleted += self._delete(collection, chunk)
         return deleted
 
+    def _delete(self, collection: str, ids: Sequence[str], partition: str | None = None) -> int:
+        """Delete rows by id with an expression built by reembed.expr: never pymilvus' `delete(ids=...)`,
+        which quotes VARCHAR keys without escaping them (an id `x"] or id != ["` would delete others)."""
+        if not ids:
+            return 0
+        kwargs = {"partition_name": partition} if partition else {}
+        self._call("delete", self.client.delete, collection, filter=in_list(F_ID, ids), **kwargs)
+        return len(ids)
+
     def iter_rows(
-        self, collection: str, fields: list[str], batch_size: int = 1000, filter_expr: str = f'{F_ID} != ""'
+        self, collection: str, fields: list[str], batch_size: int = 1000, filter_expr: str = ALL_ROWS
     ) -> Iterable[list[dict[str, Any]]]:
         """Every row of `collection` (these fields and the id), in batches, streamed with a query iterator."""
         self.load(collection)
@@ -582,12 +601,12 @@ class MilvusStore:
         rows: list[dict] = []
         for start in range(0, len(ids), chunk):
             part = list(ids[start : start + chunk])
-            rows += self.query(collection, f"{F_ID} in {json.dumps(part)}", [F_ID, *fields], limit=len(part))
+            rows += self.query(collection, in_list(F_ID, part), [F_ID, *fields], limit=len(part))
         return rows
 
     def count(self, collection: str, partition: str | None = None) -> int:
         # Filter on the stored partition field: Milvus Lite ignores partition_names in count(*).
-        expr = f"{F_PARTITION} == {json.dumps(partition)}" if partition else ""
+        expr = equals(F_PARTITION, partition) if partition else ""
         res = self.query(collection, expr, ["count(*)"])
         return int(res[0]["count(*)"])
 

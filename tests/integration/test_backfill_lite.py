@@ -249,20 +249,26 @@ def test_directory_of_jsonl_and_parquet_through_a_filesystem_uri(tmp_path, cranf
     assert sorted(all_ids(str(tmp_path / "m.db"), "docs")) == sorted(d["_id"] for d in docs)
 
 
-def test_repeated_ids_are_counted_alike_in_the_driver_and_by_a_shuffle(tmp_path, ray_local, monkeypatch):
-    """Small inputs count ids in the driver, large ones with a Ray Data shuffle: same answer."""
+def test_the_census_is_the_same_in_the_driver_and_by_a_shuffle(tmp_path, ray_local, monkeypatch):
+    """Small inputs are counted in the driver, large ones by Ray Data tasks and a shuffle: same answer."""
     from jobs import pipeline
     from reembed.documents import DocumentSpec
     from reembed.inputs import inspect_input
     from reembed.shards import plan_shards
 
     docs = [{"_id": f"d{i % 7}" if i % 3 == 0 else f"u{i}", "text": f"text {i}"} for i in range(60)]
-    src = write_jsonl(tmp_path / "dup.jsonl", docs)
+    src = write_jsonl(tmp_path / "dup.jsonl", [*docs, {"_id": "no-text"}, "{not json"])
     plan = inspect_input(str(src), "_id", ["title", "text"], None)
     shards, _ = plan_shards(plan, 256)  # several shards, several blocks
     spec = DocumentSpec()
-    driver = pipeline.count_duplicate_ids(shards, plan.filesystem, spec, plan.total_bytes)
+    driver = pipeline.take_census(shards, plan.filesystem, spec, plan.total_bytes)
     monkeypatch.setattr(pipeline, "DRIVER_ID_COUNT_BYTES", -1)
-    shuffled = pipeline.count_duplicate_ids(shards, plan.filesystem, spec, plan.total_bytes)
+    shuffled = pipeline.take_census(shards, plan.filesystem, spec, plan.total_bytes)
     expected = {f"d{k}": sum(1 for i in range(0, 60, 3) if i % 7 == k) for k in range(7)}
-    assert driver == shuffled == {k: n for k, n in expected.items() if n > 1}
+    repeated = {k: n for k, n in expected.items() if n > 1}
+    assert driver.duplicates == shuffled.duplicates == repeated
+    assert driver.summary() == shuffled.summary()
+    assert driver.rows == 62 and driver.good == 60 and driver.complete
+    assert driver.documents == 60 - sum(repeated.values())
+    assert driver.ids == {d["_id"] for d in docs} | {"no-text"}
+    assert {r["id"] for r in pipeline.input_ids(shuffled.id_rows).take_all()} == driver.ids
