@@ -8,10 +8,10 @@ Blue-green: each version is its own collection, `<alias>_v<N>`, built by the bac
 A validation gate (reembed/gate.py) then measures the new version against the old on golden
 queries; with --switch the alias moves in one `alter_alias` only if every check passed. On a new
 alias the first version gets the alias when its gate passes. The records of every version (model,
-dimension, precision, rows, build time, gate, state) live in Milvus (reembed/versions.py), so
---status and --rollback work from any machine. A version may keep float16 re-rank copies beside its
-codes (`--rerank`, or `--precision binary` on a server with BINARY_VECTOR): the service and the gate
-then search it in two stages.
+dimension, precision, rows, the input's document count, build time, gate, state) live in Milvus
+(reembed/versions.py), so --status and --rollback work from any machine. A version may keep float16
+re-rank copies beside its codes (`--rerank`, or `--precision binary` on a server with BINARY_VECTOR):
+the service and the gate then search it in two stages.
 
 stdout: one JSON document (the last line). stderr: progress and the gate, one line a check.
 Exit codes: 0 done, 1 a failure worth retrying (Milvus unreachable, ...), 2 bad input or flags
@@ -34,6 +34,7 @@ from reembed.errors import ReembedError
 from reembed.gate import (
     GateThresholds,
     GoldenQueries,
+    expected_rows_of,
     format_gate,
     given_golden_queries,
     run_gate,
@@ -69,6 +70,7 @@ SUMMARY_KEPT = (
     "vector_type",
     "int8_drift",
     "shards",
+    "input",
     "manifest",
 )
 
@@ -277,10 +279,12 @@ def build(
     record.model_identity = identity.model if identity else {}
     record.rows = store.count(collection)
     record.backfill = {key: summary.get(key) for key in SUMMARY_KEPT}
+    # Always checked, never dropped: a rerun skips the shards an earlier run recorded, so the count
+    # comes from the summary's whole-input section or the record, and an unknown one fails the gate.
+    expected = expected_rows_of(summary, record.input_documents)
+    record.input_documents = expected.count
     registry.put_version(record)  # still `building` until the gate says otherwise
 
-    complete_read = summary["shards"]["skipped"] == 0
-    expected_rows = summary["read"] - summary["rejected"] if complete_read else None
     report = run_gate(
         store,
         collection,
@@ -291,7 +295,7 @@ def build(
         ef=cfg.gate_ef,
         rescore_multiplier=cfg.gate_rescore_multiplier,
         device=pick_device(cfg.device),
-        expected_rows=expected_rows,
+        expected_rows=expected,
         exact_max_rows=cfg.gate_exact_max_rows,
     )
     logger.info("%s", format_gate(report))
@@ -322,6 +326,7 @@ def build(
         "precision": cfg.precision,
         "rerank": cfg.rerank,
         "rows": record.rows,
+        "input_documents": record.input_documents,
         "build_seconds": record.build_seconds,
         "resumed": resumed,
         "gate": report,

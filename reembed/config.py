@@ -4,18 +4,23 @@
 the file (JSON, TOML or YAML) are overridden by flags; both beat `REEMBED_*` environment variables,
 which beat the defaults here. Validation happens once, here, before any work starts, with messages
 that name the field, the expected and the actual value.
+
+A list setting takes the same spellings from every source: a list (file), or one string holding
+comma-separated items or a JSON list (flag, file, environment: `REEMBED_TEXT_FIELDS=title,text`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import tomllib
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from reembed.errors import ConfigError
 from reembed.lite import is_lite_uri
@@ -42,6 +47,34 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Backend = Literal["torch", "onnx", "openvino"]
 # The Python module each backend needs, and the extra that installs it.
 BACKEND_MODULES = {"onnx": ("onnxruntime", "onnx")}
+
+
+def split_list(value: Any) -> Any:
+    """A list setting given as one string: comma-separated items, or a JSON list (starts with '[').
+
+    Items stay strings: the field's type converts them ("8" to 8 for list[int]) and its error names
+    the field and the item. Anything but a string passes through to the field's own validation."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]  # a lone number from a file: `sweep_m = 16`
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"expected comma-separated items or a JSON list, got {value!r} ({exc})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"expected comma-separated items or a JSON list, got {value!r}")
+        return items
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# List settings. NoDecode: pydantic-settings would JSON-decode a list's environment variable before
+# any validator sees it, so `REEMBED_TEXT_FIELDS=title,text` failed with a SettingsError traceback;
+# the raw string reaches split_list instead, as a flag's or a file's string does.
+StrList = Annotated[list[str], NoDecode, BeforeValidator(split_list)]
+IntList = Annotated[list[int], NoDecode, BeforeValidator(split_list)]
 
 
 def check_backend(backend: str, device: str, dtype: str) -> None:
@@ -81,7 +114,7 @@ class BackfillConfig(BaseSettings):
 
     input: str = Field(..., description="JSONL/Parquet file, directory, or pyarrow filesystem URI")
     id_field: str = "_id"
-    text_fields: list[str] = Field(default_factory=lambda: ["title", "text"])
+    text_fields: StrList = Field(default_factory=lambda: ["title", "text"])
     partition_by: str | None = None
     partitions: int = Field(1, ge=1, le=1024)
 
@@ -152,14 +185,10 @@ class BackfillConfig(BaseSettings):
         "a job submitted to a cluster uses the cluster's dashboard",
     )
 
-    @field_validator("text_fields", mode="before")
+    @field_validator("text_fields")
     @classmethod
-    def _split_fields(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and not value:
-            raise ValueError("text_fields: expected at least one field name, got none")
-        return value
+    def _check_fields(cls, value: list[str]) -> list[str]:
+        return check_text_fields(value)
 
     @field_validator("collection")
     @classmethod
@@ -203,6 +232,14 @@ class BackfillConfig(BaseSettings):
                 "use write_mode upsert with a .db"
             )
         return self
+
+
+def check_text_fields(value: list[str]) -> list[str]:
+    """At least one field name, none blank (a JSON list can carry " " where a comma list cannot)."""
+    value = [v.strip() for v in value]
+    if not value or not all(value):
+        raise ValueError(f"text_fields: expected at least one field name, none blank, got {value!r}")
+    return value
 
 
 T = TypeVar("T", bound=BaseSettings)
@@ -252,10 +289,25 @@ def load_settings(cls: type[T], flags: dict[str, Any], config_file: str | Path |
         return cls(**values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err.get('input')!r})"
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err.get('input')!r}"
+            f"{_env_source(cls, err['loc'], values)})"
             for err in exc.errors()
         )
         raise ConfigError(f"invalid {cls.__name__}: {problems}") from None
+    except SettingsError as exc:
+        # A value pydantic-settings could not read from the environment (the list settings take
+        # theirs raw, so this is a field added without StrList/IntList): its message names the field.
+        raise ConfigError(f"invalid {cls.__name__}: {exc}") from None
+
+
+def _env_source(cls: type[BaseSettings], loc: tuple[Any, ...], values: dict[str, Any]) -> str:
+    """`, from REEMBED_X` where the bad value came from the environment (so the user knows where to
+    look), else an empty string."""
+    if not loc or not isinstance(loc[0], str) or loc[0] in values:
+        return ""
+    name = (str(cls.model_config.get("env_prefix", "")) + loc[0]).lower()
+    found = next((key for key in os.environ if key.lower() == name), None)
+    return f", from {found}" if found else ""
 
 
 class ServiceConfig(BaseSettings):
@@ -313,7 +365,7 @@ class ServiceConfig(BaseSettings):
     max_ef: int = Field(1024, ge=1, le=32_768)
     max_query_chars: int = Field(2048, ge=1, le=1_000_000)
     max_batch_queries: int = Field(64, ge=1, le=10_000)
-    output_fields: list[str] = Field(default_factory=lambda: ["text", "partition"])
+    output_fields: StrList = Field(default_factory=lambda: ["text", "partition"])
 
     rescore_multiplier: int = Field(
         DEFAULT_RESCORE_MULTIPLIER,
@@ -326,11 +378,12 @@ class ServiceConfig(BaseSettings):
     search_timeout_s: float = Field(5.0, gt=0, le=600)
     identity_refresh_s: float = Field(2.0, gt=0, le=3600, description="how often an alias's target is re-read")
 
-    @field_validator("output_fields", mode="before")
+    @field_validator("output_fields")
     @classmethod
-    def _split_output_fields(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+    def _check_output_fields(cls, value: list[str]) -> list[str]:
+        value = [v.strip() for v in value]
+        if not all(value):
+            raise ValueError(f"output_fields: expected field names, none blank, got {value!r}")
         return value
 
     @property
@@ -367,14 +420,6 @@ class ServiceConfig(BaseSettings):
         return self
 
 
-def _int_list(value: Any) -> Any:
-    if isinstance(value, str):
-        return [int(v) for v in value.split(",") if v.strip()]
-    if isinstance(value, int):
-        return [value]
-    return value
-
-
 class EvaluateConfig(BaseSettings):
     """Everything `python -m jobs.evaluate` needs; `REEMBED_EVAL_*` environment variables too.
 
@@ -402,16 +447,14 @@ class EvaluateConfig(BaseSettings):
     hnsw_ef_construction: int = Field(200, ge=8, le=1024)
 
     sweep: bool = True
-    sweep_m: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
-    sweep_ef_construction: list[int] = Field(default_factory=lambda: [64, 200])
-    sweep_ef: list[int] = Field(default_factory=lambda: [10, 16, 32, 64, 128, 256])
+    sweep_m: IntList = Field(default_factory=lambda: [8, 16, 32, 64])
+    sweep_ef_construction: IntList = Field(default_factory=lambda: [64, 200])
+    sweep_ef: IntList = Field(default_factory=lambda: [10, 16, 32, 64, 128, 256])
 
     actors: int | None = Field(None, ge=1, le=1024)
     threads_per_actor: int | None = Field(None, ge=1, le=256)
     batch_size: int = Field(64, ge=1, le=4096)
     output_dir: str = "./data/runs"
-
-    _split_ints = field_validator("sweep_m", "sweep_ef_construction", "sweep_ef", mode="before")(_int_list)
 
     @field_validator("sweep_m")
     @classmethod
@@ -512,7 +555,7 @@ class MigrateConfig(BaseSettings):
 
     # Handed to the backfill job.
     id_field: str = "_id"
-    text_fields: list[str] = Field(default_factory=lambda: ["title", "text"])
+    text_fields: StrList = Field(default_factory=lambda: ["title", "text"])
     partition_by: str | None = None
     partitions: int = Field(1, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -531,7 +574,7 @@ class MigrateConfig(BaseSettings):
     max_text_bytes: int = Field(65_535, ge=256, le=65_535)
     output_dir: str = "./data/runs"
 
-    _split_text_fields = field_validator("text_fields", mode="before")(BackfillConfig._split_fields.__func__)
+    _check_text_fields = field_validator("text_fields")(check_text_fields)
 
     @field_validator("alias", "registry")
     @classmethod
@@ -601,21 +644,22 @@ class MigrateConfig(BaseSettings):
 
 
 def _doc_counts(value: Any) -> Any:
-    if isinstance(value, str):
-        out = []
-        for part in value.split(","):
-            part = part.strip().upper().replace("_", "")
-            if not part:
-                continue
-            scale = {"K": 1_000, "M": 1_000_000, "B": 1_000_000_000}.get(part[-1], 1)
-            try:
-                out.append(int(float(part[:-1] if scale != 1 else part) * scale))
-            except ValueError:
-                raise ValueError(f"docs: expected counts like 1M,10M or 2500000, got {value!r}") from None
-        return out
-    if isinstance(value, int):
-        return [value]
-    return value
+    """Document counts: 1M,10M or 2500000, from a comma list, a JSON list or a file's list."""
+    items = split_list(value)
+    if not isinstance(items, list):
+        return items
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            out.append(item)  # a number: the field's type checks it
+            continue
+        part = item.strip().upper().replace("_", "")
+        scale = {"K": 1_000, "M": 1_000_000, "B": 1_000_000_000}.get(part[-1:], 1)
+        try:
+            out.append(int(float(part[:-1] if scale != 1 else part) * scale))
+        except ValueError:
+            raise ValueError(f"docs: expected counts like 1M,10M or 2500000, got {value!r}") from None
+    return out
 
 
 class PlanConfig(BaseSettings):
@@ -623,7 +667,7 @@ class PlanConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="REEMBED_PLAN_", extra="forbid")
 
-    docs: list[int] = Field(default_factory=lambda: [1_000_000, 10_000_000, 100_000_000])
+    docs: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1_000_000, 10_000_000, 100_000_000])
     tokens_per_doc: float | None = Field(None, gt=0, le=1_000_000, description="mean tokens per document")
     model: str = DEFAULT_MODEL
     dimension: int | None = Field(None, ge=1, le=65_536, description="default: from the model")

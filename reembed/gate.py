@@ -13,10 +13,11 @@ document as the one relevant answer) it measures each version the way the servic
 - `overlap@k`: share of the old top k the new one also returns. Two models legitimately differ,
   so this is reported, and checked only when a threshold is set;
 - search latency p50/p95 (query embedding apart);
-- rows: the new version against the input and against the old version.
+- rows: the new version against the input (always: a version missing documents never passes,
+  and a count it cannot be checked against fails it too) and against the old version.
 
-Each check has a threshold (None turns it off); the report names every failed check with its
-value and its threshold.
+Each check but `rows_vs_input` has a threshold (None turns it off); the report names every failed
+check with its value and its threshold.
 """
 
 from __future__ import annotations
@@ -78,6 +79,69 @@ class GoldenQueries:
     def __post_init__(self) -> None:
         if not self.ids:
             raise ConfigError("gate: the golden query set is empty")
+
+
+@dataclass(frozen=True)
+class ExpectedRows:
+    """The rows a version must hold: the input's good unique documents, or None where unknown."""
+
+    count: int | None
+    note: str  # where the count comes from, or why it is unknown and what to do
+
+
+def expected_rows_of(summary: dict[str, Any], recorded: int | None) -> ExpectedRows:
+    """The rows a version built by this backfill run must hold.
+
+    `summary` is the backfill job's; `recorded` is the count the version's record kept from an
+    earlier run (None where none did, as in records written before the count was kept). A rerun
+    skips the shards the resume record has, so this run's own read is no measure of the input:
+    the summary's `input` section (counted over the whole input on every run) is; a summary
+    without it gives `read - rejected` only when no shard was skipped, else the recorded count.
+    An unknown count is returned as None, which fails the gate: a check dropped for want of a
+    number is how a version missing documents passed on a plain rerun."""
+    whole = summary.get("input")
+    if isinstance(whole, dict):
+        documents = whole.get("documents")
+        if whole.get("complete") is False:
+            return ExpectedRows(
+                None,
+                f"unknown: the input was not read whole this run (input.complete false, {documents} documents "
+                "counted); rerun the build once every shard reads",
+            )
+        if isinstance(documents, int) and not isinstance(documents, bool) and documents >= 0:
+            return ExpectedRows(documents, "the input's good unique documents, counted over the whole input")
+        return ExpectedRows(None, f"unknown: the backfill summary's input.documents is {documents!r}, not a count")
+    skipped = (summary.get("shards") or {}).get("skipped")
+    if skipped == 0:
+        return ExpectedRows(summary["read"] - summary["rejected"], "documents the job read, less its rejects")
+    if recorded is not None:
+        return ExpectedRows(recorded, f"kept in the version's record by an earlier run ({skipped} shards skipped now)")
+    return ExpectedRows(
+        None,
+        f"unknown: this run skipped {skipped} shards read by an earlier run, and the version's record keeps no "
+        "input document count (written before input_documents was kept); rebuild the version with a fresh "
+        "--output-dir to count the whole input",
+    )
+
+
+def rows_vs_input_check(rows: int, expected: ExpectedRows) -> dict[str, Any]:
+    """`rows_vs_input`: passes only when the version holds exactly the expected rows; fails where
+    the expected count is unknown (fail closed), with the reason in its note."""
+    if expected.count is None:
+        return {
+            "name": "rows_vs_input",
+            "value": rows,
+            "threshold": "== the input's documents (unknown)",
+            "passed": False,
+            "note": expected.note,
+        }
+    return {
+        "name": "rows_vs_input",
+        "value": rows,
+        "threshold": f"== {expected.count}",
+        "passed": rows == expected.count,
+        "note": expected.note,
+    }
 
 
 def first_sentence(text: str, max_chars: int = SAMPLED_QUERY_MAX_CHARS) -> str:
@@ -295,10 +359,10 @@ def run_gate(
     old_collection: str | None,
     golden: GoldenQueries,
     thresholds: GateThresholds,
+    expected_rows: ExpectedRows,
     k: int = 10,
     ef: int = 64,
     device: str = "cpu",
-    expected_rows: int | None = None,
     exact_max_rows: int = 1_000_000,
     rescore_multiplier: int = DEFAULT_RESCORE_MULTIPLIER,
 ) -> dict[str, Any]:
@@ -306,7 +370,8 @@ def run_gate(
 
     `report["passed"]` is False when any check that is on fails; `failed_checks` names each one
     with its value and threshold. Checks that cannot be measured (no old version, a collection
-    over `exact_max_rows` for exact search) are reported with passed None and do not fail."""
+    over `exact_max_rows` for exact search) are reported with passed None and do not fail, except
+    `rows_vs_input`, which fails where `expected_rows` is unknown."""
     started = time.monotonic()
     new = measure_version(store, new_collection, golden, k, ef, device, rescore_multiplier)
     old = measure_version(store, old_collection, golden, k, ef, device, rescore_multiplier) if old_collection else None
@@ -349,16 +414,7 @@ def run_gate(
         overlap = round(top_k_overlap(new.run, old.run, k), 4)
         checks.append(_check(f"overlap@{k}", overlap, ">=", thresholds.min_overlap, "share of the old top k kept"))
     checks.append(_check("search_ms_p95", new_report["search_ms_p95"], "<=", thresholds.max_search_p95_ms))
-    if expected_rows is not None:
-        checks.append(
-            {
-                "name": "rows_vs_input",
-                "value": new.rows,
-                "threshold": f"== {expected_rows}",
-                "passed": new.rows == expected_rows,
-                "note": "documents the job read, less its rejects",
-            }
-        )
+    checks.append(rows_vs_input_check(new.rows, expected_rows))
     if old is not None:
         diff = round(abs(new.rows - old.rows) / max(1, old.rows), 6)
         checks.append(_check("rows_diff_vs_old", diff, "<=", thresholds.max_row_diff, f"{new.rows} vs {old.rows} rows"))

@@ -2,9 +2,10 @@
 
 Sits beside both flows. `jobs/migrate.py` builds `{alias}_v{N}` with the backfill job and moves the
 alias; the service only ever sees the alias (and reads the model from the collection behind it).
-What the migration knows about each version (model, dimension, precision, rows, build time, gate
-report, state) and which versions served in which order lives in a small registry collection in
-the same Milvus, not in a local file, so `--status` and `--rollback` work from any machine.
+What the migration knows about each version (model, dimension, precision, rows, the rows it must
+hold, build time, gate report, state) and which versions served in which order lives in a small
+registry collection in the same Milvus, not in a local file, so `--status` and `--rollback` work
+from any machine.
 
 A version's state: `building` (the job runs or crashed: a rerun resumes it), `ready` (built and
 passed its gate), `failed` (the build or the gate failed: never gets the alias), `serving` (the
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from reembed.errors import ConfigError, ReembedError
+from reembed.expr import equals
 from reembed.store import MilvusStore
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,10 @@ class VersionRecord:
     model_identity: dict[str, Any] = field(default_factory=dict)  # the collection's, once built
     rerank: bool = False  # keeps float16 re-rank copies: searched in two stages
     rows: int | None = None
+    # The rows it must hold: the input's good unique documents, as the latest build run counted them.
+    # Kept because a rerun skips the shards an earlier run read; None: unknown (the gate then fails),
+    # as in records written before this field existed.
+    input_documents: int | None = None
     build_seconds: float | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -108,6 +114,7 @@ class VersionRecord:
             "precision": self.precision,
             "rerank": self.rerank,
             "rows": self.rows,
+            "input_documents": self.input_documents,
             "build_seconds": self.build_seconds,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
@@ -186,7 +193,7 @@ class VersionRegistry:
     def _rows(self, alias: str) -> list[dict[str, Any]]:
         if not self.store.has_collection(self.collection):
             return []
-        return self.store.query(self.collection, f"{R_ALIAS} == {json.dumps(alias)}", [R_KEY, R_RECORD])
+        return self.store.query(self.collection, equals(R_ALIAS, alias), [R_KEY, R_RECORD])
 
     # --- records --------------------------------------------------------------------------------
 

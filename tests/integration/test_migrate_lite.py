@@ -77,7 +77,8 @@ def test_a_new_alias_gets_its_first_version(setup, capsys):
     checks = {c["name"]: c for c in gate["checks"]}
     recall = checks["ann_recall@10"]
     assert recall["value"] >= 0.95 and "exact over the re-rank copies" in recall["note"]
-    assert checks["rows_vs_input"]["passed"]
+    assert checks["rows_vs_input"]["passed"] and checks["rows_vs_input"]["threshold"] == f"== {N_DOCS}"
+    assert out["input_documents"] == N_DOCS  # kept with the version: a rerun's gate checks against it
     assert gate["new"]["ndcg@10"] > 0.5  # a title finds its own document
     assert alias_target(setup) == "docs_v1"
 
@@ -100,6 +101,46 @@ def test_a_failed_gate_leaves_the_alias_where_it_was(setup, capsys):
     assert v2["state"] == "failed" and v2["gate"]["passed"] is False and v2["dimension"] == 32
     code, out = migrate(setup, "--switch-to", "2", capsys=capsys)
     assert code == 2 and "did not pass its gate" in out["error"]
+
+
+def test_a_version_missing_documents_fails_its_gate_on_every_plain_rerun(setup, capsys):
+    """Rows lost after their shards went into the resume record (deleted here by hand) stay lost on a
+    rerun, which skips those shards: the gate checks the version against the whole input's document
+    count every time, not against what this run read, so the version cannot pass by being rerun."""
+    lost = [d["_id"] for d in read_jsonl(setup["corpus"])[:5]]
+    with LiteServer(str(setup["db"])) as uri:
+        store = MilvusStore(uri)
+        try:
+            kept = store.fetch("docs_v2", lost, ["*"])
+            assert len(kept) == len(lost)
+            store.delete_ids("docs_v2", lost)
+            store.flush("docs_v2")
+        finally:
+            store.close()
+    # The next test's command, with only the input count left to catch the loss (no old-rows check).
+    args = build_args(setup, str(setup["tiny"]), "--gate-max-ndcg-drop", "off", "--gate-max-row-diff", "off")
+    for _ in range(2):
+        code, out = migrate(setup, *args, "--switch", capsys=capsys)
+        assert code == EXIT_GATE_FAILED, out
+        assert out["version"] == 2 and out["resumed"] and not out["switched"] and alias_target(setup) == "docs_v1"
+        shards = out["backfill"]["shards"]
+        assert shards["skipped"] == shards["total"] and out["backfill"]["written"] == 0  # nothing read again
+        assert out["backfill"]["input"]["documents"] == N_DOCS
+        assert out["rows"] == N_DOCS - len(lost) and out["input_documents"] == N_DOCS
+        assert out["gate"]["failed_checks"] == [f"rows_vs_input = {N_DOCS - len(lost)}, wanted == {N_DOCS}"]
+    code, status = migrate(setup, "--status", capsys=capsys)
+    v2 = status["versions"][1]
+    assert (v2["state"], v2["rows"], v2["input_documents"]) == ("failed", N_DOCS - len(lost), N_DOCS)
+    # Put the rows back as they were: the next test resumes this version whole.
+    with LiteServer(str(setup["db"])) as uri:
+        store = MilvusStore(uri)
+        try:
+            for row in kept:
+                store.upsert("docs_v2", row["partition"], [row])
+            store.flush("docs_v2")
+            assert store.count("docs_v2") == N_DOCS
+        finally:
+            store.close()
 
 
 def test_a_rerun_resumes_the_version_and_switches(setup, capsys):

@@ -14,16 +14,19 @@ from jobs.migrate import _resumable, main, parse_config
 from reembed.config import ServiceConfig
 from reembed.errors import ConfigError
 from reembed.gate import (
+    ExpectedRows,
     GateThresholds,
     _check,
     exact_top_k,
+    expected_rows_of,
     first_sentence,
     given_golden_queries,
+    rows_vs_input_check,
     sampled_golden_queries,
 )
 from reembed.quantize import decode_rerank_vectors, encode_rerank_vectors
 from reembed.store import F_RERANK
-from reembed.versions import AliasRecord, VersionRecord, parse_version, version_collection
+from reembed.versions import AliasRecord, VersionRecord, VersionRegistry, parse_version, version_collection
 from serve.service import IDLE_REFRESH_FACTOR, SearchService
 from tests.conftest import write_jsonl
 from tests.unit.test_service import make_target
@@ -235,3 +238,77 @@ def test_service_rereads_a_long_idle_pair_before_answering():
         svc.close()
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+
+
+def _summary(read=100, rejected=2, skipped=0, whole=None):
+    out = {"read": read, "rejected": rejected, "shards": {"total": 4, "read": 4 - skipped, "skipped": skipped}}
+    if whole is not None:
+        out["input"] = whole
+    return out
+
+
+def test_the_rows_a_version_must_hold_come_from_the_whole_input_on_every_run():
+    whole = {"rows": 103, "documents": 98, "rejected": 3, "complete": True}
+    # The summary's whole-input count wins, whatever this run read or skipped, over any recorded one.
+    for skipped, read in ((0, 103), (4, 0), (2, 50)):
+        got = expected_rows_of(_summary(read=read, rejected=0, skipped=skipped, whole=whole), recorded=7)
+        assert got.count == 98 and "whole input" in got.note
+    assert expected_rows_of(_summary(whole={**whole, "documents": 0}), None).count == 0  # an empty input
+    # Older summaries without `input`: this run's read, only when it skipped no shard.
+    assert expected_rows_of(_summary(read=100, rejected=2, skipped=0), recorded=None).count == 98
+    assert expected_rows_of(_summary(read=100, rejected=2, skipped=0), recorded=50).count == 98
+    # A rerun that skipped shards: the count an earlier run kept in the version's record.
+    got = expected_rows_of(_summary(read=0, rejected=0, skipped=4), recorded=98)
+    assert got.count == 98 and "earlier run" in got.note
+
+
+def test_an_unknown_expected_count_is_said_so_and_never_lets_the_gate_pass():
+    # A record written before input_documents was kept, a rerun that skipped shards, an old summary.
+    old_record = expected_rows_of(_summary(read=0, rejected=0, skipped=4), recorded=None)
+    assert old_record.count is None and "written before input_documents was kept" in old_record.note
+    partial = expected_rows_of(_summary(whole={"rows": 10, "documents": 9, "rejected": 1, "complete": False}), 98)
+    assert partial.count is None and "not read whole" in partial.note
+    broken = expected_rows_of(_summary(whole={"rows": 10, "complete": True}), 98)
+    assert broken.count is None and "input.documents is None" in broken.note
+    for expected in (old_record, partial, broken):
+        check = rows_vs_input_check(98, expected)
+        assert check["passed"] is False and check["note"] == expected.note and "unknown" in check["threshold"]
+
+
+def test_rows_vs_input_passes_on_the_exact_count_only():
+    expected = ExpectedRows(100, "the input's good unique documents")
+    assert rows_vs_input_check(100, expected)["passed"] is True
+    for rows in (99, 101, 0):
+        check = rows_vs_input_check(rows, expected)
+        assert check == {
+            "name": "rows_vs_input", "value": rows, "threshold": "== 100", "passed": False, "note": expected.note
+        }  # fmt: skip
+
+
+def test_records_keep_the_input_document_count_and_older_records_read_as_unknown():
+    record = VersionRecord(alias="docs", version=2, collection="docs_v2", state="failed", model="m",
+                           precision="int8", rows=95, input_documents=100)  # fmt: skip
+    again = VersionRecord.from_json(record.to_json())
+    assert again.input_documents == 100 and again.summary()["input_documents"] == 100
+    before = json.loads(record.to_json())
+    del before["input_documents"]  # as written before the field existed
+    assert VersionRecord.from_json(json.dumps(before)).input_documents is None
+
+
+class _QueryRecorder:
+    def __init__(self):
+        self.filters = []
+
+    def has_collection(self, name):
+        return True
+
+    def query(self, collection, filter_expr, output_fields):
+        self.filters.append(filter_expr)
+        return []
+
+
+def test_registry_lookups_quote_the_alias_with_reembed_expr():
+    store = _QueryRecorder()
+    registry = VersionRegistry(store, "reg")
+    assert registry.versions('d" or alias != "') == {}
+    assert store.filters == ['alias == "d\\" or alias != \\""']
