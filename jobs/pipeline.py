@@ -438,11 +438,12 @@ def sample_embeddings(sample: pa.Table | None, source: ModelSource, compute: Com
             source, "float32", None, device="cpu", batch_size=compute.batch_size, threads=driver_cores()
         )
         step = compute.rows_per_call
-        parts = [encoder(_numpy_batch(sample.slice(i, step)))[C_VECTOR] for i in range(0, sample.num_rows, step)]
+        batches = [encoder(_numpy_batch(sample.slice(i, step))) for i in range(0, sample.num_rows, step)]
     else:
         floats = embed(ray.data.from_arrow(sample), source, "float32", None, compute)
-        parts = [b[C_VECTOR] for b in floats.select_columns([C_VECTOR]).iter_batches(batch_format="numpy")]
-    return np.concatenate(parts)
+        batches = floats.select_columns([C_VECTOR, C_STATUS]).iter_batches(batch_format="numpy")
+    # A row the model could not take is a reject with a zero vector: it says nothing of the scale.
+    return np.concatenate([b[C_VECTOR][b[C_STATUS] != S_REJECTED] for b in batches])
 
 
 def iter_summaries(results: ray.data.Dataset) -> Iterator[dict[str, np.ndarray]]:

@@ -4,6 +4,10 @@ First step of the job's flow, run inside Ray Data tasks on each block. A record 
 `DOC_COLUMNS`: its id, the text to embed (the present text fields joined with one space, as
 BEIR/MTEB do), the partition it goes to, a hash of the text, where it came from, and an empty
 `reject` column, or a reason there and the raw record kept so nothing is lost.
+
+A bad record costs only itself: whatever is wrong with it (not JSON, not UTF-8, a value Milvus
+cannot store) makes it one reject, never an error that fails its shard. Every string a row
+carries, a reject's included, is valid Unicode, since Arrow and Milvus both need UTF-8.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from reembed.expr import unstorable
 from reembed.store import DEFAULT_PARTITION, ID_MAX_BYTES, is_valid_milvus_name
 
 C_ID = "id"
@@ -87,33 +92,73 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def storable_text(text: str) -> str:
+    """`text` with any lone surrogate written as a backslash escape: fit for a reason or a raw column."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _decoded(value: Any, field: str) -> tuple[Any, str]:
+    """A value with bytes (a Parquet binary column) decoded strictly as UTF-8, or a reject reason."""
+    if not isinstance(value, (bytes, bytearray)):
+        return value, ""
+    try:
+        return bytes(value).decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        return None, f"bad encoding: field {field!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+
+
 def _id_of(record: dict[str, Any], field: str) -> tuple[str | None, str]:
     if field not in record or record[field] is None:
         return None, f"missing id: field {field!r} is absent or null"
-    value = record[field]
+    value, reason = _decoded(record[field], field)
+    if reason:
+        return None, reason
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None, f"bad id: field {field!r} must be a string or an integer, got {type(value).__name__}"
+    # Any string is an id, kept exactly as given (whitespace included): only "" names nothing.
     doc_id = str(value)
-    if not doc_id.strip():
+    if not doc_id:
         return None, f"bad id: field {field!r} is empty"
-    if len(doc_id.encode()) > ID_MAX_BYTES:
-        return None, f"bad id: field {field!r} is longer than {ID_MAX_BYTES} bytes"
+    why = unstorable(doc_id)
+    if why:
+        return None, f"bad id: field {field!r} cannot be stored: {why}"
+    size = len(doc_id.encode("utf-8"))
+    if size > ID_MAX_BYTES:
+        return None, f"bad id: field {field!r} must be at most {ID_MAX_BYTES} bytes in UTF-8, got {size}"
     return doc_id, ""
 
 
 def _text_of(record: dict[str, Any], fields: Sequence[str]) -> tuple[str | None, str]:
     parts = []
     for field in fields:
-        value = record.get(field)
+        value, reason = _decoded(record.get(field), field)
+        if reason:
+            return None, reason
         if value is None:
             continue
         if not isinstance(value, str):
             return None, f"bad text: field {field!r} must be a string, got {type(value).__name__}"
+        why = unstorable(value)
+        if why:
+            return None, f"bad text: field {field!r} cannot be stored or embedded: {why}"
+        # Only the ends are stripped: inner control characters (a PDF's form feeds, tabs) are text.
         if value.strip():
             parts.append(value.strip())
     if not parts:
         return None, f"missing text: fields {', '.join(fields)} are absent or empty"
     return " ".join(parts), ""
+
+
+def _partition_of(record: dict[str, Any], field: str) -> tuple[str | None, str]:
+    value, reason = _decoded(record.get(field), field)
+    if reason:
+        return None, reason
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value):
+        return None, f"bad partition: field {field!r} must be a non-empty string or integer"
+    why = unstorable(str(value))
+    if why:
+        return None, f"bad partition: field {field!r} cannot be stored: {why}"
+    return partition_name_for_value(str(value)), ""
 
 
 def empty_row(source: str) -> dict[str, Any]:
@@ -132,23 +177,28 @@ def reject_row(source: str, reason: str, raw: str) -> dict[str, Any]:
 
 def normalize_record(record: Any, source: str, raw: str, spec: DocumentSpec) -> dict[str, Any]:
     """One input record -> one row of DOC_COLUMNS (status `new`, or `rejected` with a reason)."""
-    row = empty_row(source)
     if not isinstance(record, dict):
         return reject_row(source, f"bad record: expected a JSON object, got {type(record).__name__}", raw)
+    try:
+        return _normalize_object(record, source, raw, spec)
+    except Exception as exc:  # a record this code did not foresee is still one reject, not a failed shard
+        reason = storable_text(f"bad record: cannot be read: {type(exc).__name__}: {exc}")
+        return reject_row(source, reason, raw)
+
+
+def _normalize_object(record: dict[str, Any], source: str, raw: str, spec: DocumentSpec) -> dict[str, Any]:
+    row = empty_row(source)
     doc_id, reason = _id_of(record, spec.id_field)
     if doc_id is not None:
         row[C_ID] = doc_id
         text, reason = _text_of(record, spec.text_fields)
         if text is not None:
             if spec.partition_by:
-                value = record.get(spec.partition_by)
-                if value is None or isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value):
-                    reason = f"bad partition: field {spec.partition_by!r} must be a non-empty string or integer"
-                else:
-                    row[C_PARTITION] = partition_name_for_value(str(value))
+                partition, reason = _partition_of(record, spec.partition_by)
             else:
-                row[C_PARTITION] = spec.partition_for_id(doc_id)
+                partition = spec.partition_for_id(doc_id)
             if not reason:
+                row[C_PARTITION] = partition
                 row[C_TEXT] = text
                 row[C_HASH] = content_hash(text)
                 return row
@@ -163,7 +213,8 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def normalize_json_lines(lines: Iterable[str | bytes], sources: Iterable[str], spec: DocumentSpec) -> pa.Table:
     """JSONL lines (one document each) -> a table of DOC_COLUMNS. Unparsable lines are rejects;
-    a line given as bytes is one that is not valid UTF-8."""
+    a line given as bytes is one that is not valid UTF-8. A line given as str is valid Unicode
+    (decoded from UTF-8), so it is kept as the raw record as it is."""
     rows = []
     for line, source in zip(lines, sources, strict=True):
         if isinstance(line, bytes):
@@ -172,9 +223,11 @@ def normalize_json_lines(lines: Iterable[str | bytes], sources: Iterable[str], s
             )
             continue
         try:
-            record = json.loads(line)
-        except ValueError as exc:
-            rows.append(reject_row(source, f"bad JSON: {exc}", line))
+            # strict=False: raw control characters inside strings (tabs, a PDF's form feeds) are
+            # text as much as their escaped forms, so they are read, not rejected.
+            record = json.loads(line, strict=False)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than Python's stack
+            rows.append(reject_row(source, f"bad JSON: {type(exc).__name__}: {exc}", line))
             continue
         rows.append(normalize_record(record, source, line, spec))
     return _to_table(rows)
@@ -202,14 +255,25 @@ def end_of_shard(shard: str, source: str, rows: int) -> pa.Table:
 
 
 def normalize_records(records: Iterable[dict[str, Any]], sources: Iterable[str], spec: DocumentSpec) -> pa.Table:
-    """Records (e.g. Parquet rows as dicts) -> a table of DOC_COLUMNS."""
+    """Records (e.g. Parquet rows as dicts) -> a table of DOC_COLUMNS. Bytes values (binary
+    columns) are decoded strictly as UTF-8; one that is not is a reject."""
     rows = []
     for record, source in zip(records, sources, strict=True):
         row = normalize_record(record, source, "", spec)
         if row[C_REJECT]:
-            row[C_RAW] = json.dumps(record, default=str, ensure_ascii=False)
+            row[C_RAW] = raw_json(record)
         rows.append(row)
     return _to_table(rows)
+
+
+def raw_json(record: Any) -> str:
+    """A record as JSON for the rejects file, whatever it holds: bytes that are not UTF-8 and lone
+    surrogates come out as escapes, so the raw column stays valid Unicode."""
+    if isinstance(record, dict):
+        record = {k: v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v for k, v in record.items()}
+    text = json.dumps(record, default=str, ensure_ascii=False)
+    # ensure_ascii=True writes a lone surrogate as its \uXXXX escape; only then is it worth the bytes.
+    return text if unstorable(text) is None else json.dumps(record, default=str, ensure_ascii=True)
 
 
 def mark_duplicates(table: pa.Table, counts: dict[str, int]) -> pa.Table:

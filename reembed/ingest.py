@@ -9,16 +9,24 @@ become `unchanged` (same content hash, same partition: never shown to the model)
 `moved` (a copy lives in another partition: it is rewritten and the stale copy deleted). Rejects
 and the end-of-shard markers pass through every step untouched so that the driver can count
 every row of every shard.
+
+A bad row costs only itself here too. A batch the model fails on is embedded again row by row,
+an upsert Milvus refuses is bisected down to the rows it refuses; such a row becomes `rejected`
+with its reason, and is counted once, as a reject. Where every row fails on its own, the rows are
+blamed only if the model still embeds a plain text (or Milvus calls the input wrong); otherwise the
+model or the store is at fault, not the data, and the first error is raised as it was.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
+from reembed.batching import is_out_of_memory
 from reembed.documents import (
     C_HASH,
     C_ID,
@@ -36,9 +44,12 @@ from reembed.documents import (
     S_NEW,
     S_REJECTED,
     S_UNCHANGED,
+    raw_json,
+    storable_text,
     truncate_utf8,
 )
 from reembed.embedder import Embedder, ModelSource
+from reembed.errors import ReembedError
 from reembed.quantize import Int8Calibration, binarize, encode_rerank_vectors
 from reembed.store import F_HASH, F_ID, F_PARTITION, F_RERANK, F_TEXT, F_VECTOR, MilvusStore, vector_payload
 
@@ -57,6 +68,8 @@ C_CLIPPED = "clipped"
 # rows it never saw. The driver sums them into the summary's tokens and padding_ratio.
 C_TOKENS = "tokens"
 C_PADDED = "padded_tokens"
+# The longest error message a reject's reason quotes.
+REASON_MAX_CHARS = 500
 SUMMARY_COLUMNS = (
     "kind",
     "shard",
@@ -95,6 +108,34 @@ def embed_mask(statuses: np.ndarray, embed_statuses: tuple[str, ...]) -> np.ndar
     return np.isin(statuses, np.asarray(embed_statuses, dtype=object))
 
 
+# A text any model embeds: the check that a model failing on every row of a batch still works.
+CANARY_TEXT = "a"
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    """Out of memory, in any of its forms: a lack of resources, never a fault of the row at hand."""
+    return is_out_of_memory(exc) or "out of memory" in str(exc).lower()
+
+
+def failure_reason(what: str, message: str) -> str:
+    """`what: message` for a reject, the message cut to REASON_MAX_CHARS (a model or a server may
+    quote the whole input back) and kept valid Unicode."""
+    if len(message) > REASON_MAX_CHARS:
+        message = message[:REASON_MAX_CHARS] + "..."
+    return storable_text(f"{what}: {message}")
+
+
+def row_raw(doc_id: str, text: str) -> str:
+    """The raw record of a row rejected after reading (its input line is gone by then): id and text."""
+    return raw_json({"id": doc_id, "text": text})
+
+
+REASON_MOVE_DEFERRED = (
+    "move deferred: the document changed partition, but some shard of the input could not be read whole, so "
+    "it is not moved in this run (its stored copy stays); fix the input and rerun"
+)
+
+
 class ChangeDetector:
     """Marks each `new` row `unchanged`, `changed` or `moved` from what the collection holds.
 
@@ -102,12 +143,24 @@ class ChangeDetector:
     row counts as unchanged only if exactly one stored copy exists, in the row's partition, with
     the same content hash; anything else (a changed text, a copy elsewhere, a copy twice after a
     crash mid-move) is embedded and written again.
+
+    With `allow_moves` False (some shard of the input could not be read whole, so a copy of an id
+    may hide in it) a row that would move is rejected instead, with the reason: its stored copy
+    stays where it is until a run that reads the whole input.
     """
 
-    def __init__(self, uri: str, token: str | None, collection: str, keep_unchanged_text: bool = False) -> None:
+    def __init__(
+        self,
+        uri: str,
+        token: str | None,
+        collection: str,
+        keep_unchanged_text: bool = False,
+        allow_moves: bool = True,
+    ) -> None:
         self.store = MilvusStore(uri, token)
         self.collection = collection
         self.keep_unchanged_text = keep_unchanged_text
+        self.allow_moves = allow_moves
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         statuses = batch[C_STATUS].copy()
@@ -128,6 +181,14 @@ class ChangeDetector:
                 statuses[i] = S_CHANGED
         out = dict(batch)
         out[C_STATUS] = statuses
+        if not self.allow_moves and (statuses == S_MOVED).any():
+            deferred = statuses == S_MOVED
+            statuses[deferred] = S_REJECTED
+            reasons, raws = batch[C_REJECT].copy(), batch[C_RAW].copy()
+            for i in np.flatnonzero(deferred):
+                reasons[i] = REASON_MOVE_DEFERRED
+                raws[i] = json.dumps({"id": batch[C_ID][i], "partition": batch[C_PARTITION][i]}, ensure_ascii=False)
+            out[C_REJECT], out[C_RAW] = reasons, raws
         if not self.keep_unchanged_text:
             # The model never sees unchanged rows: do not carry their text through the pipeline.
             texts = batch[C_TEXT].copy()
@@ -143,6 +204,7 @@ class DocumentEncoder:
 
     With no calibration and precision int8, it returns floats: that is the calibration sample.
     Other rows (rejects, unchanged, end-of-shard markers) get a zero vector and never reach the model.
+    A row the model fails on alone becomes `rejected` ("embed failed: ..."), with a zero vector.
     """
 
     def __init__(
@@ -158,9 +220,32 @@ class DocumentEncoder:
         backend: str = "torch",
         rerank: bool = False,
     ) -> None:
-        self.embedder = Embedder(
-            source, device=device, threads=threads, batch_size=batch_size, dtype=dtype, backend=backend
-        )
+        embedder = Embedder(source, device=device, threads=threads, batch_size=batch_size, dtype=dtype, backend=backend)
+        self._configure(embedder, precision, calibration_json, embed_statuses, rerank)
+
+    @classmethod
+    def with_embedder(
+        cls,
+        embedder: Embedder,
+        precision: str,
+        calibration_json: str | None,
+        embed_statuses: tuple[str, ...] = EMBED_STATUSES,
+        rerank: bool = False,
+    ) -> DocumentEncoder:
+        """An encoder over an embedder built elsewhere (a test's fake model)."""
+        encoder = cls.__new__(cls)
+        encoder._configure(embedder, precision, calibration_json, embed_statuses, rerank)
+        return encoder
+
+    def _configure(
+        self,
+        embedder: Embedder,
+        precision: str,
+        calibration_json: str | None,
+        embed_statuses: tuple[str, ...],
+        rerank: bool,
+    ) -> None:
+        self.embedder = embedder
         self.calibration = Int8Calibration.from_json(calibration_json) if calibration_json else None
         self.emit_codes = precision == "int8" and self.calibration is not None
         self.binary = precision == "binary"
@@ -178,10 +263,9 @@ class DocumentEncoder:
         clipped = np.zeros(n, dtype=np.int32)
         tokens = np.zeros(n, dtype=np.int32)
         padded = np.zeros(n, dtype=np.int32)
+        out = dict(batch)
         if todo.any():
-            encoded = self.embedder.encode_documents_counted(batch[C_TEXT][todo].tolist())
-            floats = encoded.vectors
-            tokens[todo], padded[todo] = encoded.tokens, encoded.padded
+            floats, tokens[todo], padded[todo], failed = self._encode_isolating(batch[C_TEXT][todo].tolist())
             if self.emit_codes:
                 vectors[todo] = self.calibration.quantize(floats)
                 clipped[todo] = self.calibration.clipped_per_row(floats)
@@ -191,7 +275,14 @@ class DocumentEncoder:
                 vectors[todo] = floats
             if copies is not None:
                 copies[todo] = encode_rerank_vectors(floats)
-        out = dict(batch)
+            if failed:
+                positions = np.flatnonzero(todo)
+                reasons = {int(positions[k]): why for k, why in failed.items()}
+                rows = list(reasons)
+                vectors[rows], clipped[rows], tokens[rows], padded[rows] = 0, 0, 0, 0
+                if copies is not None:
+                    copies[rows] = ""
+                out.update(self._rejected(batch, reasons))
         out[C_VECTOR] = vectors
         if copies is not None:
             out[C_RERANK] = copies
@@ -200,9 +291,60 @@ class DocumentEncoder:
         out[C_PADDED] = padded
         return out
 
+    def _encode_isolating(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+        """(floats (n, dimension) float32, tokens (n,), padded (n,), {k: reason} of texts the model
+        fails on alone, whose rows stay zero). Raises the batch's error when every text fails alone."""
+        try:
+            encoded = self.embedder.encode_documents_counted(texts)
+            return encoded.vectors, encoded.tokens, encoded.padded, {}
+        except Exception as exc:
+            if is_resource_error(exc):
+                raise  # another batch size or device may fit; the rows are not at fault
+            error = exc
+        n = len(texts)
+        floats = np.zeros((n, self.embedder.dimension), dtype=np.float32)
+        tokens, padded = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+        failed: dict[int, str] = {}
+        for k, text in enumerate(texts):
+            try:
+                one = self.embedder.encode_documents_counted([text])
+            except Exception as exc:
+                if is_resource_error(exc):
+                    raise
+                failed[k] = failure_reason("embed failed", f"{type(exc).__name__}: {exc}")
+                continue
+            floats[k], tokens[k], padded[k] = one.vectors[0], one.tokens[0], one.padded[0]
+        if len(failed) == n and not self._model_works():
+            raise error  # the model fails on anything: not the rows' fault
+        logger.warning("the model failed on a batch of %d: %d row(s) rejected, the rest embedded", n, len(failed))
+        return floats, tokens, padded, failed
+
+    def _model_works(self) -> bool:
+        """Whether the model embeds a plain text: tells rows the model cannot take (rejects, even a
+        batch of one) from a model that fails on everything (an error to raise)."""
+        try:
+            self.embedder.encode_documents_counted([CANARY_TEXT])
+        except Exception as exc:
+            if is_resource_error(exc):
+                raise
+            return False
+        return True
+
+    @staticmethod
+    def _rejected(batch: dict[str, np.ndarray], reasons: dict[int, str]) -> dict[str, np.ndarray]:
+        """The status, reject and raw columns of `batch` with rows `reasons` made rejects."""
+        statuses, rejects, raws = batch[C_STATUS].copy(), batch[C_REJECT].copy(), batch[C_RAW].copy()
+        for i, reason in reasons.items():
+            statuses[i], rejects[i], raws[i] = S_REJECTED, reason, row_raw(batch[C_ID][i], batch[C_TEXT][i])
+        return {C_STATUS: statuses, C_REJECT: rejects, C_RAW: raws}
+
 
 class BatchWriter:
-    """Upserts the embedded rows of a batch into their partitions; returns a small summary."""
+    """Upserts the embedded rows of a batch into their partitions; returns a small summary.
+
+    A row Milvus refuses on its own is a reject in the summary ("Milvus refused the row: ..."),
+    counted there only, never as written.
+    """
 
     def __init__(
         self,
@@ -213,7 +355,32 @@ class BatchWriter:
         max_text_bytes: int,
         embed_statuses: tuple[str, ...] = EMBED_STATUSES,
     ) -> None:
-        self.store = MilvusStore(uri, token)
+        store = MilvusStore(uri, token)
+        self._configure(store, collection, vector_type, max_text_bytes, embed_statuses)
+
+    @classmethod
+    def with_store(
+        cls,
+        store: MilvusStore,
+        collection: str,
+        vector_type: str,
+        max_text_bytes: int,
+        embed_statuses: tuple[str, ...] = EMBED_STATUSES,
+    ) -> BatchWriter:
+        """A writer over a store opened elsewhere (a test's fake store)."""
+        writer = cls.__new__(cls)
+        writer._configure(store, collection, vector_type, max_text_bytes, embed_statuses)
+        return writer
+
+    def _configure(
+        self,
+        store: MilvusStore,
+        collection: str,
+        vector_type: str,
+        max_text_bytes: int,
+        embed_statuses: tuple[str, ...],
+    ) -> None:
+        self.store = store
         self.collection = collection
         self.vector_type = vector_type
         self.max_text_bytes = max_text_bytes
@@ -226,12 +393,7 @@ class BatchWriter:
             emit_summary_row(summary, kind, shard, partition, **values)
 
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)  # (partition, status) -> rows
-        counts: dict[tuple[str, str, str], int] = defaultdict(int)  # (shard, status, partition) -> rows
-        clipped: dict[tuple[str, str, str], int] = defaultdict(int)  # same key -> int8 values clipped
-        tokens: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # same key -> (real, padded)
-        zeros = np.zeros(len(batch[C_STATUS]), dtype=np.int32)
-        row_clipped = batch.get(C_CLIPPED, zeros)
-        row_tokens, row_padded = batch.get(C_TOKENS, zeros), batch.get(C_PADDED, zeros)
+        counted: dict[tuple[str, str, str], list[int]] = defaultdict(list)  # (shard, status, partition) -> rows
         for i, status in enumerate(batch[C_STATUS]):
             shard = batch[C_SHARD][i]
             if status == S_REJECTED:
@@ -241,29 +403,40 @@ class BatchWriter:
             elif status == S_ERROR:
                 emit(S_ERROR, shard, reason=batch[C_REJECT][i])
             else:
-                counts[(shard, status, batch[C_PARTITION][i])] += 1
-                clipped[(shard, status, batch[C_PARTITION][i])] += int(row_clipped[i])
-                counted = tokens[(shard, status, batch[C_PARTITION][i])]
-                counted[0] += int(row_tokens[i])
-                counted[1] += int(row_padded[i])
+                counted[(shard, status, batch[C_PARTITION][i])].append(i)
                 if status in self.embed_statuses:
                     groups[(batch[C_PARTITION][i], status)].append(i)
+        self._refused: dict[int, str] = {}  # row -> why Milvus refused it; filled by _write
         written_rows = self._write(batch, groups)
-        for (shard, status, partition), n in counts.items():
+        refused = self._refused
+        for i, reason in refused.items():
+            # Counted here as a reject and nowhere else: the driver sees each row of a shard once.
+            raw = row_raw(batch[C_ID][i], batch[C_TEXT][i])
+            emit(S_REJECTED, batch[C_SHARD][i], doc_id=batch[C_ID][i], reason=reason, raw=raw)
+        zeros = np.zeros(len(batch[C_STATUS]), dtype=np.int32)
+        row_clipped = batch.get(C_CLIPPED, zeros)
+        row_tokens, row_padded = batch.get(C_TOKENS, zeros), batch.get(C_PADDED, zeros)
+        for (shard, status, partition), rows in counted.items():
+            kept = [i for i in rows if i not in refused]
+            if not kept:
+                continue
+            n = len(kept)
             written = n if status in self.embed_statuses else 0
-            key = (shard, status, partition)
-            emit(status, shard, partition, count=n, written=written, clipped=clipped[key], tokens=tuple(tokens[key]))
-        if written_rows != sum(len(r) for r in groups.values()):
-            raise RuntimeError(f"Milvus acknowledged {written_rows} rows of {sum(len(r) for r in groups.values())}")
+            clipped = int(row_clipped[kept].sum())
+            tokens = (int(row_tokens[kept].sum()), int(row_padded[kept].sum()))
+            emit(status, shard, partition, count=n, written=written, clipped=clipped, tokens=tokens)
+        expected = sum(len(r) for r in groups.values()) - len(refused)
+        if written_rows != expected:
+            raise RuntimeError(f"Milvus acknowledged {written_rows} rows of {expected}")
         return summary
 
     def _write(self, batch: dict[str, np.ndarray], groups: dict[tuple[str, str], list[int]]) -> int:
         by_partition: dict[str, list[int]] = defaultdict(list)
-        moved: dict[str, list[str]] = defaultdict(list)
+        moved: dict[str, list[int]] = defaultdict(list)
         for (partition, status), rows in groups.items():
             by_partition[partition].extend(rows)
             if status == S_MOVED:
-                moved[partition].extend(batch[C_ID][i] for i in rows)
+                moved[partition].extend(rows)
         if by_partition:
             self.store.ensure_partitions(self.collection, by_partition)
         written = 0
@@ -282,8 +455,55 @@ class BatchWriter:
             if C_RERANK in batch:
                 for row, i in zip(payload, rows, strict=True):
                     row[F_RERANK] = batch[C_RERANK][i]
-            written += self.store.upsert(self.collection, partition, payload)
-            if moved.get(partition):
+            written += self._upsert_isolating(partition, payload, rows)
+            moved_ids = [batch[C_ID][i] for i in moved.get(partition, []) if i not in self._refused]
+            if moved_ids:
                 # Upsert replaces a row only within its partition: drop the copies left elsewhere.
-                self.store.delete_ids_outside(self.collection, partition, moved[partition])
+                # A refused row keeps its old copy: stale, but better than none.
+                self.store.delete_ids_outside(self.collection, partition, moved_ids)
+        return written
+
+    def _upsert_isolating(self, partition: str, payload: list[dict[str, Any]], rows: list[int]) -> int:
+        """Upsert one partition's rows; returns the rows written. Rows Milvus refuses (a non-retriable
+        error) are found by bisection and go into self._refused, unless it refuses every row alone:
+        then the first error is raised. Retriable errors are raised as they are."""
+        try:
+            return self.store.upsert(self.collection, partition, payload)
+        except ReembedError as exc:
+            if exc.retriable:
+                raise
+            error = exc
+        refused: dict[int, str] = {}
+        if len(rows) > 1:
+            written = self._bisect(partition, payload, rows, refused)
+        else:
+            written, refused[rows[0]] = 0, failure_reason("Milvus refused the row", str(error))
+        # Every row refused alone: the data's fault only where Milvus says the input is wrong (a
+        # group of one included); otherwise the store is at fault, and its error is raised.
+        if len(refused) == len(rows) and not error.is_input_error:
+            raise error
+        logger.warning(
+            "Milvus refused an upsert of %d rows into %s: %d row(s) rejected, the rest written",
+            len(rows),
+            partition,
+            len(refused),
+        )
+        self._refused.update(refused)
+        return written
+
+    def _bisect(self, partition: str, payload: list[dict[str, Any]], rows: list[int], refused: dict[int, str]) -> int:
+        """Upsert each half of rows that Milvus refused together; a row refused alone goes into refused.
+        An upsert is idempotent, so rows a failed request did write are written again harmlessly."""
+        written = 0
+        mid = len(rows) // 2
+        for part, part_rows in ((payload[:mid], rows[:mid]), (payload[mid:], rows[mid:])):
+            try:
+                written += self.store.upsert(self.collection, partition, part)
+            except ReembedError as exc:
+                if exc.retriable:
+                    raise
+                if len(part_rows) == 1:
+                    refused[part_rows[0]] = failure_reason("Milvus refused the row", str(exc))
+                else:
+                    written += self._bisect(partition, part, part_rows, refused)
         return written

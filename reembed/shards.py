@@ -47,6 +47,7 @@ ROWS_PER_TABLE = 4096
 MIN_SHARD_BYTES = 64 << 10
 MAX_SHARD_BYTES = 64 << 20
 SHARDS_PER_ACTOR = 8
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,14 @@ def _read_jsonl(fs: pafs.FileSystem, shard: Shard, spec: DocumentSpec) -> Iterat
         return
     with fs.open_input_file(shard.path) as fh:
         lines: list[str | bytes] = []
+        at_file_start = shard.start == 0  # the first line yielded then is the one at offset 0
         for raw in iter_lines_in_range(fh, shard.start, shard.end):
+            if at_file_start:
+                at_file_start = False
+                # Editors on Windows start UTF-8 files with a byte-order mark: it says how the file is
+                # encoded, it is not part of the first record. Anywhere else it is data (a reject).
+                if raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM) :]
             if not raw.strip():
                 continue  # blank lines are no records
             try:
@@ -218,4 +226,16 @@ def _read_parquet(fs: pafs.FileSystem, shard: Shard, spec: DocumentSpec) -> Iter
             batch_size=ROWS_PER_TABLE, row_groups=list(range(shard.start, shard.end)), columns=columns
         ):
             table = pa.Table.from_batches([batch])
-            yield normalize_records(table.to_pylist(), [shard.path] * table.num_rows, spec)
+            yield normalize_records(_records(table), [shard.path] * table.num_rows, spec)
+
+
+def _records(table: pa.Table) -> list[dict[str, Any]]:
+    """The rows of a Parquet batch as dicts. Parquet does not check that a string column holds
+    UTF-8: a batch with a value that is not is read again with its strings as bytes, which
+    `normalize_records` decodes value by value, so that only the rows holding one are rejects."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        as_bytes = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+        schema = pa.schema([f.with_type(as_bytes.get(f.type, f.type)) for f in table.schema])
+        return table.cast(schema).to_pylist()

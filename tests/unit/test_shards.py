@@ -24,7 +24,7 @@ from reembed.documents import (
     DocumentSpec,
 )
 from reembed.inputs import list_input_files
-from reembed.shards import Shard, auto_shard_bytes, iter_lines_in_range, plan_shards, read_shard
+from reembed.shards import UTF8_BOM, Shard, auto_shard_bytes, iter_lines_in_range, plan_shards, read_shard
 from reembed.state import ShardLog, run_key
 
 
@@ -154,3 +154,52 @@ def test_auto_shard_size_gives_each_actor_several_shards_within_bounds():
     assert auto_shard_bytes(1_500_000, 2) == 93_750
     assert auto_shard_bytes(10, 2) == 64 << 10
     assert auto_shard_bytes(10**12, 4) == 64 << 20
+
+
+def test_a_bad_row_costs_only_itself_not_its_shard(tmp_path):
+    """The issue's shard: ~60 documents, one with a lone surrogate escape in its text (valid JSON)."""
+    rows = [json.dumps({"_id": str(i), "text": f"doc {i}"}) for i in range(60)]
+    rows[30] = '{"_id": "30", "text": "a\\ud800 b"}'
+    path = write_lines(tmp_path / "a.jsonl", rows)
+    plan = list_input_files(str(path))
+    shards, _ = plan_shards(plan, 1 << 20)
+    out = read_all(plan.filesystem, shards)
+    assert [r[C_STATUS] for r in out].count(S_ERROR) == 0
+    assert out[-1][C_STATUS] == S_EOF and out[-1][C_SHARD_ROWS] == 60
+    (reject,) = [r for r in out if r[C_STATUS] == S_REJECTED]
+    assert reject[C_ID] == "30" and reject[C_REJECT].startswith("bad text: field 'text'")
+    assert [r[C_ID] for r in out if r[C_STATUS] == S_NEW] == [str(i) for i in range(60) if i != 30]
+
+
+def test_a_byte_order_mark_is_skipped_at_the_start_of_a_file_only(tmp_path):
+    first, second = json.dumps({"_id": "1", "text": "one"}), json.dumps({"_id": "2", "text": "two"})
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(UTF8_BOM + first.encode() + b"\n" + UTF8_BOM + second.encode() + b"\n")
+    size = path.stat().st_size
+    # However the file is cut, the mark at offset 0 is skipped and the one inside is a reject.
+    for cuts in ([0, size], [0, 1, size], [0, 2, 5, size], [0, len(first) + 4, len(first) + 5, size]):
+        shards = [Shard(str(path), "jsonl", s, e, size, 0) for s, e in zip(cuts, cuts[1:], strict=False)]
+        body = [r for r in read_all(pafs.LocalFileSystem(), shards) if r[C_STATUS] != S_EOF]
+        assert [(r[C_ID], r[C_STATUS]) for r in body] == [("1", S_NEW), ("", S_REJECTED)], cuts
+        assert body[1][C_REJECT].startswith("bad JSON")
+    path.write_bytes(UTF8_BOM + b"\n" + first.encode())  # a mark alone on the first line: a blank line
+    (row, eof) = read_all(pafs.LocalFileSystem(), [Shard(str(path), "jsonl", 0, 100, 100, 0)])
+    assert row[C_ID] == "1" and eof[C_SHARD_ROWS] == 1
+
+
+def test_parquet_strings_that_are_not_utf8_are_rejects_of_their_own_rows(tmp_path):
+    """Parquet does not check that a string column holds UTF-8; Arrow fails the whole batch on one."""
+    texts = pa.array([b"fine", b"caf\xe9", b"\xed\xa0\x80", "d\u00e9j\u00e0".encode()], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"_id": ["a", "b", "c", "d"], "text": texts}), tmp_path / "p.parquet")
+    binary = pa.table({"_id": pa.array([b"e", b"\xff"], pa.binary()), "text": pa.array([b"ok", b"ok"], pa.binary())})
+    pq.write_table(binary, tmp_path / "q.parquet")
+    plan = list_input_files(str(tmp_path))
+    shards, _ = plan_shards(plan, 1 << 20)
+    out = [r for r in read_all(plan.filesystem, shards) if r[C_STATUS] != S_EOF]
+    assert [(r[C_ID], r["text"]) for r in out if r[C_STATUS] == S_NEW] == [("a", "fine"), ("d", "déjà"), ("e", "ok")]
+    reasons = [r[C_REJECT] for r in out if r[C_STATUS] == S_REJECTED]
+    assert reasons == [
+        "bad encoding: field 'text' is not valid UTF-8 (unexpected end of data at byte 3)",
+        "bad encoding: field 'text' is not valid UTF-8 (invalid continuation byte at byte 0)",
+        "bad encoding: field '_id' is not valid UTF-8 (invalid start byte at byte 0)",
+    ]
