@@ -39,7 +39,7 @@ from reembed.documents import (
 )
 from reembed.embedder import describe_model, padding_ratio
 from reembed.errors import ConfigError, InputDataError, ReembedError, root_cause
-from reembed.ingest import EMBED_STATUSES, SUMMARY_COLUMNS
+from reembed.ingest import EMBED_STATUSES, REASON_MOVE_DEFERRED, SUMMARY_COLUMNS
 from reembed.inputs import inspect_input
 from reembed.lite import LiteServer, is_lite_uri
 from reembed.quantize import RERANK_ENCODING, Int8Calibration, clipping_report, fit_int8
@@ -494,6 +494,7 @@ class RunProgress:
         self.finished: list[tuple[Shard, int]] = []  # complete, not yet flushed and recorded
         self.completed: set[str] = set()
         self.failed: dict[str, str] = {}  # shard -> why it could not be read
+        self.deferred: set[str] = set()  # shards with a move deferred: complete, but never recorded as done
         self.recorded = 0
         self.counts: Counter[str] = Counter()
         self.per_partition: Counter[str] = Counter()
@@ -522,6 +523,8 @@ class RunProgress:
                 elif kind == bulk.KIND_STAGED:
                     self.staged[str(part)].extend(json.loads(raw))
                 elif kind == S_REJECTED:
+                    if reason == REASON_MOVE_DEFERRED:
+                        self.deferred.add(shard)  # to do again: its shard must not count as done
                     self._seen(shard, 1)
                     self.rejected += 1
                     self.reasons[str(reason).split(":")[0]] += 1
@@ -538,7 +541,9 @@ class RunProgress:
                     self.tokens += int(tokens)
                     self.padded_tokens += int(padded)
                 if shard in self.expected and self.seen[shard] == self.expected[shard]:
-                    self.finished.append((self.shards[shard], self.expected.pop(shard)))
+                    rows = self.expected.pop(shard)
+                    if shard not in self.deferred:
+                        self.finished.append((self.shards[shard], rows))
                     self.completed.add(shard)
             now = time.monotonic()
             if now - self.last_checkpoint > self.interval_s:

@@ -18,7 +18,7 @@ import pytest
 from jobs.backfill import parse_config, run
 from reembed.documents import content_hash
 from reembed.errors import ConfigError, InputDataError, root_cause
-from reembed.store import F_HASH, F_ID
+from reembed.store import F_HASH, F_ID, F_PARTITION
 from tests.conftest import open_store, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -95,22 +95,53 @@ def _damage_in_place(path: Path) -> None:
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
 
-def test_a_damaged_file_deletes_nothing_and_is_named(tmp_path, tiny_model, ray_local):
+def test_a_damaged_file_deletes_and_moves_nothing_and_is_named(tmp_path, tiny_model, ray_local):
     folder = tmp_path / "in"
     folder.mkdir()
-    docs = []
-    for name in "abc":
-        part = docs_with([], 40, tag=name)
-        docs += part
+    parts = {name: [{**d, "group": "g1"} for d in docs_with([], 40, tag=name)] for name in "abc"}
+    for name, part in parts.items():
         pq.write_table(pa.Table.from_pylist(part), folder / f"{name}.parquet", compression="NONE")
-    assert backfill(tmp_path, tiny_model, folder)["written"] == 120
+    assert backfill(tmp_path, tiny_model, folder, "--partition-by", "group")["written"] == 120
     _damage_in_place(folder / "b.parquet")
+    parts["a"][0]["group"] = "g2"  # a move, in a file that is read again
+    pq.write_table(pa.Table.from_pylist(parts["a"]), folder / "a.parquet", compression="NONE")
 
     with pytest.raises(InputDataError) as failure:
-        backfill(tmp_path, tiny_model, folder, "--delete-missing")
+        backfill(tmp_path, tiny_model, folder, "--partition-by", "group", "--delete-missing")
     message = str(failure.value)
     assert "b.parquet" in message.splitlines()[0] and "nothing was deleted" in message
+    docs = [d for part in parts.values() for d in part]
     assert stored(tmp_path) == hashes(docs)  # all 120, the damaged file's 40 included
+    with open_store(str(tmp_path / "m.db")) as store:
+        moved = store.query("docs", f'{F_ID} == "{parts["a"][0]["_id"]}"', [F_PARTITION])
+    assert [r[F_PARTITION] for r in moved] == ["g1"]  # not moved while part of the input is unreadable
+    rejects = [json.loads(line) for line in sorted((tmp_path / "runs" / "docs").glob("*/rejects.jsonl"))[-1].open()]
+    assert [r["id"] for r in rejects] == [parts["a"][0]["_id"]] and rejects[0]["reason"].startswith("move deferred")
+
+    pq.write_table(pa.Table.from_pylist(parts["b"]), folder / "b.parquet", compression="NONE")  # repaired
+    fixed = backfill(tmp_path, tiny_model, folder, "--partition-by", "group", "--delete-missing")
+    assert fixed["moved"] == 1 and fixed["deleted"] == 0 and fixed["input"]["complete"]
+    with open_store(str(tmp_path / "m.db")) as store:
+        moved = store.query("docs", f'{F_ID} == "{parts["a"][0]["_id"]}"', [F_PARTITION])
+    assert [r[F_PARTITION] for r in moved] == ["g2"]
+
+
+def test_bad_characters_cost_only_their_rows(tmp_path, tiny_model, ray_local):
+    lines = [json.dumps(d) for d in docs_with([], 58)]
+    lines[0] = "\ufeff" + lines[0]  # a byte-order mark starts the file
+    lines.append('{"_id": "surrogate-text", "text": "a\\ud800 b"}')  # valid JSON, not valid Unicode
+    lines.append('{"_id": "id-\\udfff", "text": "fine"}')
+    lines.append(json.dumps({"_id": "  spaced  ", "text": "page one\fpage two\tcolumn"}))
+    src = tmp_path / "in" / "docs.jsonl"
+    src.parent.mkdir(parents=True)
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = backfill(tmp_path, tiny_model, src)
+    assert summary["read"] == 61 and summary["written"] == 59 and summary["rejected"] == 2
+    assert summary["rejected_by_reason"] == {"bad text": 1, "bad id": 1}
+    kept = stored(tmp_path)
+    assert kept["  spaced  "] == content_hash("page one\fpage two\tcolumn") and "doc-0" in kept
+    again = backfill(tmp_path, tiny_model, src)  # the bad rows never stop a rerun either
+    assert again["written"] == 0 and again["shards"]["read"] == 0
 
 
 def test_a_listing_that_lost_files_deletes_nothing(tmp_path, tiny_model, ray_local):
