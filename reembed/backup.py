@@ -1,7 +1,7 @@
 """Back up a collection to Parquet files and restore it into a new collection.
 
 Sits beside the job's flow, after it: `python -m jobs.backup snapshot` streams every partition of a
-collection out of Milvus with `query_iterator` (one batch of rows in memory at a time) into Parquet
+collection out of Milvus with `MilvusStore.iter_rows` (one batch of rows in memory at a time) into Parquet
 files, and writes a manifest (`backup.json`) that holds what the rows alone do not: the schema, the
 vector index, the collection's properties (the `reembed.identity` that binds the model and the int8
 calibration), the partitions, and per file its row count and SHA-256. `restore` checks the files
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reembed.errors import CapabilityError, ConfigError, ReembedError
-from reembed.store import IDENTITY_PROPERTY, MilvusStore, is_valid_milvus_name
+from reembed.store import F_ID, IDENTITY_PROPERTY, MilvusStore, is_valid_milvus_name
 
 logger = logging.getLogger(__name__)
 
@@ -178,24 +178,11 @@ def _from_arrow(batch: pa.RecordBatch, fields: list[FieldSpec]) -> list[dict[str
 def iter_partition_rows(
     store: MilvusStore, collection: str, partition: str, output_fields: list[str], batch_rows: int
 ) -> Iterator[list[dict[str, Any]]]:
-    """The rows of one partition, `batch_rows` at a time, from pymilvus's query_iterator."""
-    iterator = store._call(
-        "query_iterator",
-        store.client.query_iterator,
-        collection,
-        batch_size=batch_rows,
-        filter="",
-        output_fields=output_fields,
-        partition_names=[partition],
-    )
-    try:
-        while True:
-            batch = store._call("query_iterator.next", iterator.next)
-            if not batch:
-                return
-            yield list(batch)
-    finally:
-        iterator.close()
+    """The rows of one partition, `batch_rows` at a time (MilvusStore.iter_rows: paged by an escaped
+    primary-key cursor, so any id is read exactly once)."""
+    fields = [f for f in output_fields if f != F_ID]
+    for batch in store.iter_rows(collection, fields, batch_rows, partition_names=[partition]):
+        yield [{f: row[f] for f in output_fields} for row in batch]
 
 
 class _RollingParquet:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from reembed.errors import CapabilityError, ConfigError, ModelMismatchError, ReembedError, StoreUnavailableError
-from reembed.expr import all_of, equals, in_list, not_equals
+from reembed.expr import all_of, equals, in_list, not_equals, string_literal
 from reembed.quantize import rerank_text_bytes
 
 logger = logging.getLogger(__name__)
@@ -495,27 +495,11 @@ class MilvusStore:
         return out
 
     def iter_ids(self, collection: str, partition: str | None = None, batch_size: int = 10_000) -> Iterable[list[str]]:
-        """Every stored id (of one partition), in batches, streamed with a query iterator."""
-        self.load(collection)
+        """Every stored id (of one partition), in batches."""
         # Filter on the stored partition field: Milvus Lite ignores partition_names in queries.
-        expr = equals(F_PARTITION, partition) if partition else ALL_ROWS
-        iterator = self._call(
-            "query_iterator",
-            self.client.query_iterator,
-            collection,
-            batch_size=batch_size,
-            filter=expr,
-            output_fields=[F_ID],
-        )
-        try:
-            while True:
-                rows = self._call("query_iterator.next", iterator.next)
-                if not rows:
-                    return
-                yield [r[F_ID] for r in rows]
-        finally:
-            with contextlib.suppress(Exception):
-                iterator.close()
+        expr = equals(F_PARTITION, partition) if partition else ""
+        for rows in self.iter_rows(collection, [], batch_size, expr):
+            yield [r[F_ID] for r in rows]
 
     def delete_ids(self, collection: str, ids: Sequence[str]) -> int:
         """Delete these ids from every partition."""
@@ -535,27 +519,37 @@ class MilvusStore:
         return len(ids)
 
     def iter_rows(
-        self, collection: str, fields: list[str], batch_size: int = 1000, filter_expr: str = ALL_ROWS
+        self,
+        collection: str,
+        fields: list[str],
+        batch_size: int = 1000,
+        filter_expr: str = "",
+        partition_names: list[str] | None = None,
     ) -> Iterable[list[dict[str, Any]]]:
-        """Every row of `collection` (these fields and the id), in batches, streamed with a query iterator."""
+        """Every row of `collection` that `filter_expr` selects (these fields and the id), in batches of
+        of about `batch_size`, in primary-key order.
+
+        Paged here by a primary-key cursor (`id > <last id>`) built with reembed.expr, as pymilvus'
+        query_iterator pages but without its unescaped `id > "<last id>"`: an id ending in a backslash
+        or holding a quote made that iterator repeat a page forever or skip rows. The query asks Milvus
+        for an iterator's page (`iterator`, `reduce_stop_for_best`): the smallest keys past the cursor,
+        so the largest key of a page is the next cursor.
+        """
         self.load(collection)
-        iterator = self._call(
-            "query_iterator",
-            self.client.query_iterator,
-            collection,
-            batch_size=batch_size,
-            filter=filter_expr,
-            output_fields=[F_ID, *fields],
-        )
-        try:
-            while True:
-                rows = self._call("query_iterator.next", iterator.next)
-                if not rows:
-                    return
-                yield rows
-        finally:
-            with contextlib.suppress(Exception):
-                iterator.close()
+        kwargs: dict[str, Any] = {"iterator": "True", "reduce_stop_for_best": "True", "batch_size": batch_size}
+        if partition_names:
+            kwargs["partition_names"] = partition_names
+        last: str | None = None
+        while True:
+            cursor = f"{F_ID} > {string_literal(last)}" if last is not None else ""
+            expr = all_of(cursor, filter_expr) or ALL_ROWS
+            rows = self.query(collection, expr, [F_ID, *fields], limit=batch_size, **kwargs)
+            if not rows:
+                return
+            yield rows
+            # A page may hold more or fewer rows than asked for (reduce_stop_for_best stops where its
+            # segments allow) while more follow: only an empty page ends the scan.
+            last = max(r[F_ID] for r in rows)
 
     # --- aliases ------------------------------------------------------------------------------
 
