@@ -330,7 +330,14 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     embed_statuses = (*EMBED_STATUSES, S_UNCHANGED) if cfg.full else EMBED_STATUSES
     if exists:  # a new collection holds nothing to compare with
         docs = pipeline.detect_changes(
-            docs, uri, cfg.milvus_token, cfg.collection, cfg.full, compute, allow_moves=census.complete
+            docs,
+            uri,
+            cfg.milvus_token,
+            cfg.collection,
+            cfg.full,
+            compute,
+            allow_moves=census.complete,
+            per_partition=bool(spec.partition_by),
         )
     vectors = pipeline.embed(
         docs, source, cfg.precision, wanted.calibration, compute, embed_statuses, rerank=bool(wanted.rerank)

@@ -315,6 +315,7 @@ def detect_changes(
     keep_unchanged_text: bool,
     compute: ComputePlan,
     allow_moves: bool = True,
+    per_partition: bool = False,
 ) -> ray.data.Dataset:
     """Mark rows unchanged / changed / moved against the collection: one lookup per block (moves
     rejected instead where `allow_moves` is False: reembed.ingest.ChangeDetector)."""
@@ -326,6 +327,7 @@ def detect_changes(
             "collection": collection,
             "keep_unchanged_text": keep_unchanged_text,
             "allow_moves": allow_moves,
+            "per_partition": per_partition,
         },
         batch_size=None,  # a block at a time: blocks stay shard-sized for the embedding actors
         batch_format="numpy",

@@ -6,7 +6,7 @@ Each loads its heavy state (model, connection) once in `__init__`.
 
 Rows carry a status (reembed.documents): `new` rows are looked up by id in the collection and
 become `unchanged` (same content hash, same partition: never shown to the model), `changed`, or
-`moved` (a copy lives in another partition: it is rewritten and the stale copy deleted). Rejects
+`moved` (a copy lives in another partition: its copies are deleted, then it is written anew). Rejects
 and the end-of-shard markers pass through every step untouched so that the driver can count
 every row of every shard.
 
@@ -139,10 +139,10 @@ REASON_MOVE_DEFERRED = (
 class ChangeDetector:
     """Marks each `new` row `unchanged`, `changed` or `moved` from what the collection holds.
 
-    One query per batch (`id in [...]`) for the stored content hash and partition of its ids. A
-    row counts as unchanged only if exactly one stored copy exists, in the row's partition, with
-    the same content hash; anything else (a changed text, a copy elsewhere, a copy twice after a
-    crash mid-move) is embedded and written again.
+    One query per batch (`id in [...]`; one per partition with field partitioning: __init__) for
+    the stored content hash and partition of its ids. A row counts as unchanged only if exactly one
+    stored copy exists, in the row's partition, with the same content hash; anything else (a changed
+    text, a copy elsewhere, a copy twice after a crash mid-move) is embedded and written again.
 
     With `allow_moves` False (some shard of the input could not be read whole, so a copy of an id
     may hide in it) a row that would move is rejected instead, with the reason: its stored copy
@@ -156,18 +156,23 @@ class ChangeDetector:
         collection: str,
         keep_unchanged_text: bool = False,
         allow_moves: bool = True,
+        per_partition: bool = False,
     ) -> None:
         self.store = MilvusStore(uri, token)
         self.collection = collection
         self.keep_unchanged_text = keep_unchanged_text
         self.allow_moves = allow_moves
+        # Field partitioning: a document can move, and a copy left in its old partition is invisible
+        # to a query over the whole collection, so each partition is asked. Copies can only be in
+        # partitions that existed before this run (an id appears once in the input).
+        self.partitions = self.store.list_partitions(collection) if per_partition else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         statuses = batch[C_STATUS].copy()
         todo = np.flatnonzero(statuses == S_NEW)
         if not len(todo):
             return batch
-        stored = self.store.stored_versions(self.collection, batch[C_ID][todo].tolist())
+        stored = self.store.stored_versions(self.collection, batch[C_ID][todo].tolist(), self.partitions)
         for i in todo:
             copies = stored.get(batch[C_ID][i])
             if not copies:
@@ -441,6 +446,14 @@ class BatchWriter:
             self.store.ensure_partitions(self.collection, by_partition)
         written = 0
         for partition, rows in by_partition.items():
+            moved_ids = [batch[C_ID][i] for i in moved.get(partition, [])]
+            if moved_ids:
+                # A moved document's copies go before its new one is written: an upsert replaces a
+                # row only within its own partition, and no delete can name one partition's copy on
+                # Milvus Lite (it ignores partition_name there; see MilvusStore.delete_before_rewrite
+                # for its other trap). A crash in between leaves the
+                # document absent, which the rerun finds and writes: never twice, never lost.
+                self.store.delete_before_rewrite(self.collection, moved_ids)
             vectors = vector_payload(batch[C_VECTOR][rows], self.vector_type)
             payload = [
                 {
@@ -456,11 +469,6 @@ class BatchWriter:
                 for row, i in zip(payload, rows, strict=True):
                     row[F_RERANK] = batch[C_RERANK][i]
             written += self._upsert_isolating(partition, payload, rows)
-            moved_ids = [batch[C_ID][i] for i in moved.get(partition, []) if i not in self._refused]
-            if moved_ids:
-                # Upsert replaces a row only within its partition: drop the copies left elsewhere.
-                # A refused row keeps its old copy: stale, but better than none.
-                self.store.delete_ids_outside(self.collection, partition, moved_ids)
         return written
 
     def _upsert_isolating(self, partition: str, payload: list[dict[str, Any]], rows: list[int]) -> int:

@@ -79,7 +79,9 @@ def _peek_jsonl(fs: pafs.FileSystem, path: str, limit: int) -> set[str]:
             buffered = stream.read(1 << 20).decode("utf-8", errors="replace")
     except Exception as exc:
         raise ConfigError(f"input: cannot read {path!r}: {exc}") from exc
-    for line in buffered.splitlines()[:limit]:
+    # Records end at "\n" only (as the reader cuts them): str.splitlines would also cut at U+2028,
+    # U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves raw inside strings.
+    for line in buffered.split("\n")[:limit]:
         try:
             record = json.loads(line)
         except ValueError:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from reembed.errors import CapabilityError, ConfigError, ModelMismatchError, ReembedError, StoreUnavailableError
-from reembed.expr import all_of, equals, in_list, not_equals, string_literal
+from reembed.expr import all_of, equals, in_list, string_literal
 from reembed.quantize import rerank_text_bytes
 
 logger = logging.getLogger(__name__)
@@ -463,35 +463,24 @@ class MilvusStore:
             written += int(result.get("upsert_count", len(chunk)))
         return written
 
-    def delete_ids_outside(self, collection: str, partition: str, ids: Sequence[str]) -> int:
-        """Delete rows with these ids from every partition but `partition` (a document that moved).
+    def stored_versions(
+        self, collection: str, ids: Sequence[str], partitions: Sequence[str] | None = None
+    ) -> dict[str, list[tuple[str, str]]]:
+        """id -> [(partition, content hash), ...] of the stored copies of these ids (none: absent).
 
-        Upsert only replaces a row within its partition on a real server, so a document whose
-        partition value changed would otherwise stay twice.
+        A query over the whole collection returns one row per id, however many partitions hold a
+        copy (the 2.3.5 server keeps the newest; Milvus Lite too, once the old copy is flushed). Where
+        copies may sit in several partitions (field partitioning: a document can move), pass
+        `partitions`: each is then queried on its own, which finds every copy.
         """
-        if not ids:
-            return 0
-        found = self.query(
-            collection,
-            all_of(in_list(F_ID, ids), not_equals(F_PARTITION, partition)),
-            [F_ID, F_PARTITION],
-        )
-        deleted = 0
-        by_partition: dict[str, list[str]] = {}
-        for row in found:
-            by_partition.setdefault(row[F_PARTITION], []).append(row[F_ID])
-        for old, old_ids in by_partition.items():
-            deleted += self._delete(collection, old_ids, partition=old)
-        return deleted
-
-    def stored_versions(self, collection: str, ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
-        """id -> [(partition, content hash), ...] of every stored copy of these ids (none: absent)."""
         out: dict[str, list[tuple[str, str]]] = {}
+        scopes: list[list[str] | None] = [[p] for p in partitions] if partitions else [None]
         for start in range(0, len(ids), LOOKUP_IDS_PER_QUERY):
             chunk = list(ids[start : start + LOOKUP_IDS_PER_QUERY])
-            rows = self.query(collection, in_list(F_ID, chunk), [F_ID, F_PARTITION, F_HASH])
-            for row in rows:
-                out.setdefault(row[F_ID], []).append((row[F_PARTITION], row[F_HASH]))
+            for scope in scopes:
+                kwargs = {"partition_names": scope} if scope else {}
+                for row in self.query(collection, in_list(F_ID, chunk), [F_ID, F_PARTITION, F_HASH], **kwargs):
+                    out.setdefault(row[F_ID], []).append((row[F_PARTITION], row[F_HASH]))
         return out
 
     def iter_ids(self, collection: str, partition: str | None = None, batch_size: int = 10_000) -> Iterable[list[str]]:
@@ -507,6 +496,19 @@ class MilvusStore:
         for start in range(0, len(ids), LOOKUP_IDS_PER_QUERY):
             chunk = list(ids[start : start + LOOKUP_IDS_PER_QUERY])
             deleted += self._delete(collection, chunk)
+        return deleted
+
+    def delete_before_rewrite(self, collection: str, ids: Sequence[str]) -> int:
+        """Delete every copy of these ids, in every partition, before they are written anew (a move).
+
+        On Milvus Lite a delete is a tombstone on the key that a later insert of the same key
+        supersedes: a flushed copy in another partition then comes back (seen with Milvus Lite 3.2:
+        upsert a into pa, flush, upsert a into pb, delete a, upsert a into pb -> pa holds a again).
+        A flush after the delete applies it to the flushed segments first; the server needs none.
+        """
+        deleted = self.delete_ids(collection, ids)
+        if deleted and self.capabilities.is_lite:
+            self.flush(collection)
         return deleted
 
     def _delete(self, collection: str, ids: Sequence[str], partition: str | None = None) -> int:
@@ -536,6 +538,9 @@ class MilvusStore:
         so the largest key of a page is the next cursor.
         """
         self.load(collection)
+        # A Strong read first: on the 2.3.5 server an iterator's page does not wait for the writes
+        # before it (rows upserted or deleted just now were missing or still there), a plain query does.
+        self.query(collection, filter_expr or ALL_ROWS, ["count(*)"])
         kwargs: dict[str, Any] = {"iterator": "True", "reduce_stop_for_best": "True", "batch_size": batch_size}
         if partition_names:
             kwargs["partition_names"] = partition_names
