@@ -653,7 +653,7 @@ def _delete_missing(cfg, plan, shards: list[Shard], census, log: ShardLog | None
                 "(the files were removed on purpose), raise --max-delete-fraction"
             )
     if census.ids is not None:
-        gone = [i for chunk in _stored_id_chunks(store, cfg.collection) for i in chunk if i not in census.ids]
+        gone = [i for chunk in store.iter_ids(cfg.collection) for i in chunk if i not in census.ids]
     else:
         present = pipeline.input_ids(census.id_rows)
         stored = pipeline.stored_ids(uri, cfg.milvus_token, cfg.collection, store.list_partitions(cfg.collection))
@@ -670,11 +670,6 @@ def _delete_missing(cfg, plan, shards: list[Shard], census, log: ShardLog | None
         store.flush(cfg.collection)
         logger.info("deleted %d document(s) no longer in the input", len(gone))
     return len(gone)
-
-
-def _stored_id_chunks(store: MilvusStore, collection: str):
-    for partition in store.list_partitions(collection):
-        yield from store.iter_ids(collection, partition=partition)
 
 
 def _refuse_changed_input(plan, shards: list[Shard]) -> None:

@@ -214,7 +214,7 @@ class DocumentEncoder:
 
     def __init__(
         self,
-        source: ModelSource,
+        source: ModelSource | None,
         precision: str,
         calibration_json: str | None,
         device: str = "auto",
@@ -224,9 +224,18 @@ class DocumentEncoder:
         dtype: str = "auto",
         backend: str = "torch",
         rerank: bool = False,
+        embedder: Embedder | None = None,
     ) -> None:
-        embedder = Embedder(source, device=device, threads=threads, batch_size=batch_size, dtype=dtype, backend=backend)
-        self._configure(embedder, precision, calibration_json, embed_statuses, rerank)
+        if embedder is None:
+            embedder = Embedder(
+                source, device=device, threads=threads, batch_size=batch_size, dtype=dtype, backend=backend
+            )
+        self.embedder = embedder
+        self.calibration = Int8Calibration.from_json(calibration_json) if calibration_json else None
+        self.emit_codes = precision == "int8" and self.calibration is not None
+        self.binary = precision == "binary"
+        self.rerank = rerank
+        self.embed_statuses = embed_statuses
 
     @classmethod
     def with_embedder(
@@ -238,24 +247,7 @@ class DocumentEncoder:
         rerank: bool = False,
     ) -> DocumentEncoder:
         """An encoder over an embedder built elsewhere (a test's fake model)."""
-        encoder = cls.__new__(cls)
-        encoder._configure(embedder, precision, calibration_json, embed_statuses, rerank)
-        return encoder
-
-    def _configure(
-        self,
-        embedder: Embedder,
-        precision: str,
-        calibration_json: str | None,
-        embed_statuses: tuple[str, ...],
-        rerank: bool,
-    ) -> None:
-        self.embedder = embedder
-        self.calibration = Int8Calibration.from_json(calibration_json) if calibration_json else None
-        self.emit_codes = precision == "int8" and self.calibration is not None
-        self.binary = precision == "binary"
-        self.rerank = rerank
-        self.embed_statuses = embed_statuses
+        return cls(None, precision, calibration_json, embed_statuses=embed_statuses, rerank=rerank, embedder=embedder)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         todo = embed_mask(batch[C_STATUS], self.embed_statuses)
@@ -359,9 +351,13 @@ class BatchWriter:
         vector_type: str,
         max_text_bytes: int,
         embed_statuses: tuple[str, ...] = EMBED_STATUSES,
+        store: MilvusStore | None = None,
     ) -> None:
-        store = MilvusStore(uri, token)
-        self._configure(store, collection, vector_type, max_text_bytes, embed_statuses)
+        self.store = store if store is not None else MilvusStore(uri, token)
+        self.collection = collection
+        self.vector_type = vector_type
+        self.max_text_bytes = max_text_bytes
+        self.embed_statuses = embed_statuses
 
     @classmethod
     def with_store(
@@ -373,23 +369,7 @@ class BatchWriter:
         embed_statuses: tuple[str, ...] = EMBED_STATUSES,
     ) -> BatchWriter:
         """A writer over a store opened elsewhere (a test's fake store)."""
-        writer = cls.__new__(cls)
-        writer._configure(store, collection, vector_type, max_text_bytes, embed_statuses)
-        return writer
-
-    def _configure(
-        self,
-        store: MilvusStore,
-        collection: str,
-        vector_type: str,
-        max_text_bytes: int,
-        embed_statuses: tuple[str, ...],
-    ) -> None:
-        self.store = store
-        self.collection = collection
-        self.vector_type = vector_type
-        self.max_text_bytes = max_text_bytes
-        self.embed_statuses = embed_statuses
+        return cls("", None, collection, vector_type, max_text_bytes, embed_statuses, store=store)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}

@@ -431,27 +431,32 @@ BAD_ROWS = [
 ]
 
 
-def test_unstorable_values_are_rejects_and_the_rest_is_written(tmp_path, tiny_model, ray_local):
-    """A JSON escape can spell a lone surrogate, which no Milvus string can hold (reembed.expr.unstorable):
-    such rows, like blank and too long ids, are rejects with a reason; the job writes the others."""
-    good = [d for d in PINNED_DOCS if d[GROUP] != "日本"]
-    lines = [json.dumps(d) for d in good[:4]] + BAD_ROWS + [json.dumps(d) for d in good[4:]]
+def run_on_lines(tmp_path: Path, model: Path, collection: str, lines: list[str]) -> tuple[BackfillConfig, dict]:
+    """One job run over `lines` written as they are (UTF-8) to in/a.jsonl: its config and summary."""
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     cfg = BackfillConfig(
         input=str(folder),
         milvus_uri=str(tmp_path / "m.db"),
-        collection="unstorable",
+        collection=collection,
         output_dir=str(tmp_path / "runs"),
-        model=str(tiny_model),
+        model=str(model),
         device="cpu",
         actors=1,
         partition_by=GROUP,
         calibration_sample=16,
     )
     with deadline(RUN_DEADLINE_S, "the job"):
-        summary = run(cfg)
+        return cfg, run(cfg)
+
+
+def test_unstorable_values_are_rejects_and_the_rest_is_written(tmp_path, tiny_model, ray_local):
+    """A JSON escape can spell a lone surrogate, which no Milvus string can hold (reembed.expr.unstorable):
+    such rows, like blank and too long ids, are rejects with a reason; the job writes the others."""
+    good = [d for d in PINNED_DOCS if d[GROUP] != "日本"]
+    lines = [json.dumps(d) for d in good[:4]] + BAD_ROWS + [json.dumps(d) for d in good[4:]]
+    cfg, summary = run_on_lines(tmp_path, tiny_model, "unstorable", lines)
     assert (summary["read"], summary["written"], summary["rejected"]) == (len(lines), len(good), len(BAD_ROWS))
     rejects = [json.loads(line) for line in Path(summary["rejects_file"]).read_bytes().decode("utf-8").splitlines()]
     assert len(rejects) == len(BAD_ROWS) and all(r["reason"] for r in rejects), rejects
@@ -466,22 +471,7 @@ def test_utf8_jsonl_whose_records_all_hold_line_separators_is_read(tmp_path, tin
         {ID_FIELD: f"{i}{sep}", "text": f"line{sep}separated", GROUP: "plain"}
         for i, sep in enumerate(["\u2028", "\u2029", "\x85", "\u2028\u2029\x85"])
     ]
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / "a.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-    cfg = BackfillConfig(
-        input=str(folder),
-        milvus_uri=str(tmp_path / "m.db"),
-        collection="separators",
-        output_dir=str(tmp_path / "runs"),
-        model=str(tiny_model),
-        device="cpu",
-        actors=1,
-        partition_by=GROUP,
-        calibration_sample=16,
-    )
-    with deadline(RUN_DEADLINE_S, "the job"):
-        summary = run(cfg)
+    cfg, summary = run_on_lines(tmp_path, tiny_model, "separators", [json.dumps(d, ensure_ascii=False) for d in docs])
     assert (summary["read"], summary["written"], summary["rejected"]) == (len(docs), len(docs), 0)
     corpus = Corpus({d[ID_FIELD]: d for d in docs}, dict.fromkeys((d[ID_FIELD] for d in docs), "a.jsonl"))
     assert_collection_is(cfg.milvus_uri, cfg.collection, corpus, "a run over line separators")
