@@ -105,6 +105,8 @@ def main() -> int:
             "changed": incr["changed"],
             "unchanged": incr["unchanged"],
             "shards": incr["shards"],
+            # The whole input read once before any work (ids only kept), inside "seconds".
+            "census_seconds": incr["census_seconds"],
         },
         "ratio": round(ratio, 4),
         "target": f"<= {TARGET_RATIO}",

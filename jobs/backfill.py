@@ -286,7 +286,9 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
     logger.info("%d shard(s) to read, %d already done (resume record %s)", len(todo), len(done), _state_path(cfg))
     # The whole input, skipped shards included: repeated ids across files, the input's document
     # count, and whether every shard can be read whole (deletes and moves act only then).
+    t_census = time.monotonic()
     census = pipeline.take_census(todo + done, plan.filesystem, spec, plan.total_bytes)
+    census_seconds = round(time.monotonic() - t_census, 3)
     duplicates = census.duplicates
     if duplicates:
         logger.warning("%d ids appear more than once in the input: every copy is rejected", len(duplicates))
@@ -445,6 +447,7 @@ def _run_pipeline(cfg, spec, plan, source, store, uri, wanted, exists, started) 
         "duplicate_ids": len(duplicates),
         # The whole input as read in this run (skipped shards included): what the collection must hold.
         "input": census.summary(),
+        "census_seconds": census_seconds,
         "calibration": calibration_info or ("reused" if wanted.calibration else None),
         "write_mode": cfg.write_mode,
         "bulk_import": bulk_info,

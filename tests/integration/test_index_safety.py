@@ -68,6 +68,7 @@ def test_quoted_and_unicode_ids_survive_edits_and_deletes(tmp_path, tiny_model, 
         fh.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
     first = backfill(tmp_path, tiny_model, src)
     assert first["written"] == 40 and first["input"]["documents"] == 40
+    assert 0 <= first["census_seconds"] <= first["seconds"]
     assert stored(tmp_path) == hashes(docs)
 
     # The injection-shaped id leaves the input: only it may go (it once took 38 others with it).
